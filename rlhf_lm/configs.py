@@ -1,0 +1,207 @@
+"""Configuration: one dataclass per stage, parsed from a YAML recipe plus CLI overrides.
+
+Stage configs are built from mixins so every stage reads the same keys the same way:
+
+    @dataclass
+    class RewardStageConfig(ModelArguments, DataArguments, trl.RewardConfig): ...
+
+``ModelArguments`` reuses TRL's ``ModelConfig`` (model path, dtype, LoRA fields) with our defaults (LoRA on).
+Parsing goes through TRL's ``TrlParser`` (YAML gives defaults, flags override); we only add the checks it lacks:
+unknown keys name the closest valid key, and validation errors become :class:`~rlhf_lm.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+from trl import ModelConfig, TrlParser
+
+from rlhf_lm.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def _call_next_post_init(obj: Any, after: type) -> None:
+    """Continue the ``__post_init__`` chain past ``after`` in the MRO (TRL's ModelConfig does not call super)."""
+    nxt = super(after, obj)
+    if hasattr(nxt, "__post_init__"):
+        nxt.__post_init__()
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """Which model to load and how to wrap it with LoRA. Defaults: LoRA on every linear layer."""
+
+    use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (default). False = full fine-tune."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout. 0 keeps resume and reference exact."})
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get LoRA adapters; 'all-linear' = every linear layer but the output head."},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to load; defaults to model_name_or_path."}
+    )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Allow loading pickle (.bin) checkpoints. Off: only safetensors load (pickle can run code)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_r <= 0:
+            raise ConfigError(f"lora_r must be a positive integer, got {self.lora_r}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        ModelConfig.__post_init__(self)
+        _call_next_post_init(self, ModelConfig)
+
+
+@dataclass
+class DataArguments:
+    """Where the training data comes from and how to read it (see ``rlhf_lm.data``)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset id, or a local .json/.jsonl(.gz)/.parquet/.csv file or directory."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config name, if any."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split used for training."})
+    dataset_eval_split: str | None = field(
+        default=None, metadata={"help": "Split used for evaluation; if unset, eval_fraction of the train split."}
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction held out for evaluation when no eval split is given (by seed)."}
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "Row format: auto, hh_rlhf, explicit, conversational, ultrafeedback, shp, prompt_only."},
+    )
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
+    chosen_column: str = field(default="chosen", metadata={"help": "Column holding the preferred response."})
+    rejected_column: str = field(default="rejected", metadata={"help": "Column holding the dispreferred response."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N eval rows."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        _call_next_post_init(self, DataArguments)
+
+
+@dataclass
+class TrainingDefaults:
+    """Our defaults for TRL/transformers training fields, placed before the TRL config in a stage's bases."""
+
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision. Default: on when the GPU supports it, off on CPU."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in backward. Off by default: small/LoRA runs fit and go faster."},
+    )
+    report_to: str | list[str] = field(
+        default="none", metadata={"help": "Loggers (tensorboard, wandb, trackio, ...); 'none' logs to console only."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        _call_next_post_init(self, TrainingDefaults)
+
+
+def field_names(config_cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_cls) if f.init]
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe into a dict, with errors that name the file."""
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"Recipe file not found: {path}") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Recipe {path} is not valid YAML: {e}") from e
+    if recipe is None:
+        return {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"Recipe {path} must be a YAML mapping of config keys, got {type(recipe).__name__}.")
+    return recipe
+
+
+def check_keys(keys: list[str], config_cls: type, source: str) -> None:
+    """Raise a ConfigError for any key that is not a field of ``config_cls``, naming the closest valid key."""
+    valid = field_names(config_cls)
+    for key in keys:
+        if key not in valid:
+            raise ConfigError(f"Unknown config key '{key}' in {source} for {config_cls.__name__}.{_closest(key, valid)}")
+
+
+def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
+    """Parse ``[--config recipe.yaml] [--key value ...]`` into ``config_cls`` (YAML = defaults, flags override)."""
+    args = list(args or [])
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise ConfigError("--config needs a path to a YAML recipe.")
+        recipe = load_recipe(args[i + 1])
+        recipe.pop("env", None)  # TrlParser sets these as environment variables
+        check_keys(list(recipe), config_cls, f"recipe {args[i + 1]}")
+    parser = TrlParser([config_cls])
+    try:
+        *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"Invalid configuration for {config_cls.__name__}: {e}") from e
+    flags = [a.lstrip("-").split("=")[0].replace("-", "_") for a in remaining if a.startswith("--")]
+    if remaining:
+        check_keys(flags or remaining, config_cls, "command-line flags")
+        raise ConfigError(f"Unexpected command-line arguments: {' '.join(remaining)}")
+    return parsed[0]
+
+
+def config_from_dict(config_cls: type[T], values: dict[str, Any], source: str = "a dict") -> T:
+    """Build a stage config from a mapping (e.g. one stage of a pipeline recipe), checking keys."""
+    check_keys(list(values), config_cls, source)
+    try:
+        return config_cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"Invalid configuration for {config_cls.__name__} from {source}: {e}") from e
+
+
+@dataclass
+class ControllerArguments:
+    """The hyperparameter controller (``rlhf_lm.controller``); off unless the recipe has a ``controller:`` section."""
+
+    controller: dict | str | None = field(
+        default=None,
+        metadata={"help": "Controller settings: a mapping in the recipe (or a JSON string on the command line), "
+                          "e.g. {policy: online, interval: 20}. Unset = no controller."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.controller, str):
+            import json
+
+            try:
+                self.controller = json.loads(self.controller)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"controller must be a mapping (JSON on the command line): {e}") from e
+        _call_next_post_init(self, ControllerArguments)

@@ -1,0 +1,506 @@
+"""Load preference and prompt datasets, normalise them to TRL's format, and validate with row-precise errors.
+
+Sources: a Hub dataset id, a local .json / .jsonl (also .gz) / .parquet / .csv file (or a directory of them), or
+an in-memory ``datasets.Dataset``. Preference rows are normalised to ``prompt`` / ``chosen`` / ``rejected``, either
+plain text or conversational (lists of ``{"role", "content"}`` messages), from these formats:
+
+==================  ========================================================================================
+hh_rlhf             ``chosen`` / ``rejected`` are whole dialogues; prompt = up to the last "\\n\\nAssistant:"
+explicit            ``prompt`` / ``chosen`` / ``rejected`` strings
+conversational      ``chosen`` / ``rejected`` message lists (``prompt`` optional: the shared leading turns)
+ultrafeedback       one ``prompt`` and several scored ``completions`` -> best vs a random lower-scored one
+shp                 ``history`` + ``human_ref_A`` / ``human_ref_B`` + ``labels`` (or ``score_A`` / ``score_B``)
+prompt_only         ``prompt`` (string or messages) for PPO / GRPO / RLOO
+==================  ========================================================================================
+
+Nothing is dropped silently: every dropped row is counted by reason in a :class:`DataReport`, and a dataset left
+empty is an error that says why.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict
+
+from rlhf_lm.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+PREFERENCE_FORMATS = ("auto", "hh_rlhf", "explicit", "conversational", "ultrafeedback", "shp")
+ASSISTANT_TAG = "\n\nAssistant:"
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv")
+
+
+@dataclass
+class DataReport:
+    """What happened to a dataset on the way in: rows read, rows kept, and every drop by reason."""
+
+    source: str
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] += n
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: kept {self.rows_out} of {self.rows_in} rows"]
+        parts += [f"dropped {n} ({reason})" for reason, n in sorted(self.dropped.items())]
+        parts += [f"truncated {n} ({reason})" for reason, n in sorted(self.truncated.items())]
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows_in": self.rows_in, "rows_out": self.rows_out, "dropped": dict(self.dropped),
+                "truncated": dict(self.truncated)}
+
+
+# ------------------------------------------------------------------------------------------------ reading rows
+class Rows:
+    """A loaded dataset plus how to name a row in an error message (file:line for JSON Lines, else row N)."""
+
+    def __init__(self, dataset: Dataset, source: str, lines: list[int] | None = None):
+        self.dataset, self.source, self.lines = dataset, source, lines
+
+    def where(self, i: int) -> str:
+        if self.lines is not None:
+            return f"{self.source}:{self.lines[i]}"
+        return f"{self.source} row {i + 1}"
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _read_json_lines(path: Path) -> Rows:
+    # Parsed by hand (not datasets' JSON builder) so a malformed line is reported as file:line.
+    rows, lines = [], []
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix or remove "
+                                "that line.") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}.")
+            rows.append(row)
+            lines.append(lineno)
+    if not rows:
+        raise DataError(f"{path} has no rows.")
+    return Rows(_from_list(rows, str(path)), str(path), lines)
+
+
+def _read_json(path: Path) -> Rows:
+    with _open_text(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return _read_json_lines(path)  # many ".json" files are really JSON Lines
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of objects (or one key holding one), got keys {list(data)}.")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects.")
+    if not data:
+        raise DataError(f"{path} has no rows.")
+    return Rows(_from_list(data, str(path)), str(path))
+
+
+def _from_list(rows: list[dict], source: str) -> Dataset:
+    try:
+        return Dataset.from_list(rows)
+    except Exception as e:  # pyarrow type clash, e.g. a column that is a string in one row and a list in another
+        raise DataError(f"{source}: rows do not share one schema ({e}). Check that each column has one type.") from e
+
+
+def _read_local_file(path: Path) -> Rows:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _read_json_lines(path)
+    if name.endswith((".json", ".json.gz")):
+        return _read_json(path)
+    from datasets import load_dataset
+
+    kind = "parquet" if name.endswith(".parquet") else "csv" if name.endswith(".csv") else None
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type. Use one of {', '.join(LOCAL_SUFFIXES)}.")
+    try:
+        ds = load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:
+        raise DataError(f"{path}: could not read as {kind}: {e}") from e
+    return Rows(ds, str(path))
+
+
+def load_rows(source: str | os.PathLike | Dataset | DatasetDict, split: str = "train",
+              config: str | None = None) -> Rows:
+    """Read raw rows from a Dataset, a local file or directory, or a Hub dataset id (``split`` picks the split)."""
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise DataError(f"The dataset has no split '{split}'; splits found: {list(source)}.")
+        source = source[split]
+    if isinstance(source, Dataset):
+        return Rows(source, "the in-memory dataset")
+    path = Path(os.path.expanduser(str(source)))
+    if path.is_file():
+        return _read_local_file(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.name.lower().endswith(LOCAL_SUFFIXES) and split in p.name)
+        files = files or sorted(p for p in path.iterdir() if p.name.lower().endswith(LOCAL_SUFFIXES))
+        if not files:
+            raise DataError(f"{path} holds no data files ({', '.join(LOCAL_SUFFIXES)}).")
+        if len(files) == 1:
+            return _read_local_file(files[0])
+        parts = [_read_local_file(f) for f in files]
+        from datasets import concatenate_datasets
+
+        return Rows(concatenate_datasets([p.dataset for p in parts]), str(path))
+    if str(source).startswith((".", "/", "~")) or str(source).lower().endswith(LOCAL_SUFFIXES):
+        raise DataError(f"Dataset file not found: {source}.")
+    return _load_hub(str(source), split, config)
+
+
+def _load_hub(name: str, split: str, config: str | None) -> Rows:
+    from datasets import load_dataset
+
+    try:
+        return Rows(load_dataset(name, config, split=split), f"{name}[{split}]")
+    except Exception as e:
+        raise DataError(f"Could not load dataset '{name}' (split '{split}') from the Hub or a local path: {e}. "
+                        "Offline? Point dataset_name at a local .jsonl/.parquet/.csv file.") from e
+
+
+# ------------------------------------------------------------------------------------------- row validation
+def _is_messages(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
+
+
+def _check_text(value: Any, rows: Rows, i: int, column: str, allow_messages: bool = True) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{rows.where(i)}, column '{column}': the text is empty. Remove the row or fill it in.")
+        return
+    if allow_messages and _is_messages(value):
+        if not value or not any(str(m["content"]).strip() for m in value):
+            raise DataError(f"{rows.where(i)}, column '{column}': the message list is empty.")
+        return
+    expected = "a string or a list of {role, content} messages" if allow_messages else "a string"
+    raise DataError(f"{rows.where(i)}, column '{column}': expected {expected}, got {type(value).__name__} "
+                    f"({str(value)[:60]!r}).")
+
+
+def _require_columns(rows: Rows, columns: list[str], fmt: str, hint: str = "") -> None:
+    found = rows.dataset.column_names
+    missing = [c for c in columns if c not in found]
+    if missing:
+        raise DataError(
+            f"{rows.source}: missing column(s) {missing} for format '{fmt}'; columns found: {found}. "
+            f"{hint or 'Set prompt_column / chosen_column / rejected_column, or data_format, in the recipe.'}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- format detection
+def detect_format(columns: list[str], first_row: dict[str, Any], prompt_col: str = "prompt",
+                  chosen_col: str = "chosen", rejected_col: str = "rejected") -> str:
+    """Guess the preference format from the columns (and the first row's types)."""
+    cols = set(columns)
+    if {chosen_col, rejected_col} <= cols:
+        if _is_messages(first_row.get(chosen_col)):
+            return "conversational"
+        if prompt_col in cols:
+            return "explicit"
+        return "hh_rlhf"
+    if {"human_ref_A", "human_ref_B"} <= cols:
+        return "shp"
+    if prompt_col in cols and ({"completions", "responses"} & cols):
+        return "ultrafeedback"
+    raise DataError(
+        f"Cannot tell the preference format from columns {sorted(cols)}. Set data_format to one of "
+        f"{', '.join(PREFERENCE_FORMATS[1:])} and the column names (prompt_column, chosen_column, rejected_column)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- normalisers
+def split_hh_dialogue(text: str) -> tuple[str, str] | None:
+    """Split an HH-RLHF dialogue into (prompt, response) at the last "\\n\\nAssistant:" (None if it has none)."""
+    cut = text.rfind(ASSISTANT_TAG)
+    if cut < 0:
+        return None
+    end = cut + len(ASSISTANT_TAG)
+    return text[:end], text[end:]
+
+
+def _hh_rlhf(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
+    _require_columns(rows, [cols["chosen"], cols["rejected"]], "hh_rlhf")
+    for i, row in enumerate(rows.dataset):
+        chosen, rejected = row[cols["chosen"]], row[cols["rejected"]]
+        _check_text(chosen, rows, i, cols["chosen"], allow_messages=False)
+        _check_text(rejected, rows, i, cols["rejected"], allow_messages=False)
+        c, r = split_hh_dialogue(chosen), split_hh_dialogue(rejected)
+        if c is None or r is None:
+            raise DataError(f"{rows.where(i)}: no '\\n\\nAssistant:' turn in the dialogue; is this HH-RLHF data? "
+                            "Set data_format to match your rows.")
+        if c[0] != r[0]:
+            report.drop("chosen and rejected continue different prompts")
+            continue
+        yield {"prompt": c[0], "chosen": c[1], "rejected": r[1]}
+
+
+def _explicit(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
+    _require_columns(rows, [cols["prompt"], cols["chosen"], cols["rejected"]], "explicit")
+    for i, row in enumerate(rows.dataset):
+        for key in ("prompt", "chosen", "rejected"):
+            _check_text(row[cols[key]], rows, i, cols[key])
+        yield {"prompt": row[cols["prompt"]], "chosen": row[cols["chosen"]], "rejected": row[cols["rejected"]]}
+
+
+def _conversational(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
+    _require_columns(rows, [cols["chosen"], cols["rejected"]], "conversational")
+    has_prompt = cols["prompt"] in rows.dataset.column_names
+    for i, row in enumerate(rows.dataset):
+        chosen, rejected = row[cols["chosen"]], row[cols["rejected"]]
+        for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if not _is_messages(value):
+                raise DataError(f"{rows.where(i)}, column '{cols[key]}': expected a list of {{role, content}} "
+                                f"messages, got {type(value).__name__}.")
+        if has_prompt and row[cols["prompt"]]:
+            prompt = row[cols["prompt"]]
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            n = len(prompt)
+            # UltraFeedback-binarized repeats the prompt inside chosen/rejected; keep only the replies.
+            if chosen[:n] == prompt and rejected[:n] == prompt:
+                chosen, rejected = chosen[n:], rejected[n:]
+        else:
+            n = 0
+            while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                n += 1
+            prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+        if not prompt or not chosen or not rejected:
+            raise DataError(f"{rows.where(i)}: cannot find a shared prompt and a final reply in the message lists.")
+        yield {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _completion_items(row: dict) -> list[tuple[Any, float]]:
+    if "completions" in row and row["completions"] is not None:
+        items = []
+        for c in row["completions"]:
+            text = next((c[k] for k in ("response", "text", "completion") if k in c), None)
+            score = next((c[k] for k in ("overall_score", "score", "rating") if k in c and c[k] is not None), None)
+            items.append((text, score))
+        return items
+    return list(zip(row.get("responses") or [], row.get("scores") or []))
+
+
+def _ultrafeedback(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
+    _require_columns(rows, [cols["prompt"]], "ultrafeedback")
+    for i, row in enumerate(rows.dataset):
+        _check_text(row[cols["prompt"]], rows, i, cols["prompt"])
+        items = _completion_items(row)
+        if any(s is None or t is None for t, s in items):
+            raise DataError(f"{rows.where(i)}: every completion needs a text and a score (keys response/text and "
+                            "overall_score/score/rating, or parallel 'responses' and 'scores' lists).")
+        items = [(t, float(s)) for t, s in items if isinstance(t, str) and t.strip()]
+        if len(items) < 2:
+            report.drop("fewer than two usable completions")
+            continue
+        best = max(items, key=lambda x: x[1])
+        worse = [t for t, s in items if s < best[1]]
+        if not worse:
+            report.drop("all completions tie on score")
+            continue
+        yield {"prompt": row[cols["prompt"]], "chosen": best[0], "rejected": rng.choice(worse)}
+
+
+def _shp(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
+    prompt_col = "history" if "history" in rows.dataset.column_names else cols["prompt"]
+    _require_columns(rows, [prompt_col, "human_ref_A", "human_ref_B"], "shp")
+    has_labels = "labels" in rows.dataset.column_names
+    for i, row in enumerate(rows.dataset):
+        a, b = row["human_ref_A"], row["human_ref_B"]
+        _check_text(row[prompt_col], rows, i, prompt_col)
+        if has_labels and row["labels"] is not None:
+            a_wins = int(row["labels"]) == 1
+        else:
+            sa, sb = row.get("score_A"), row.get("score_B")
+            if sa is None or sb is None:
+                raise DataError(f"{rows.where(i)}: SHP rows need 'labels' or both 'score_A' and 'score_B'.")
+            if sa == sb:
+                report.drop("tie")
+                continue
+            a_wins = sa > sb
+        _check_text(a, rows, i, "human_ref_A")
+        _check_text(b, rows, i, "human_ref_B")
+        yield {"prompt": row[prompt_col], "chosen": a if a_wins else b, "rejected": b if a_wins else a}
+
+
+NORMALISERS: dict[str, Callable] = {"hh_rlhf": _hh_rlhf, "explicit": _explicit, "conversational": _conversational,
+                                    "ultrafeedback": _ultrafeedback, "shp": _shp}
+
+
+def normalize_preferences(rows: Rows, data_format: str = "auto", prompt_column: str = "prompt",
+                          chosen_column: str = "chosen", rejected_column: str = "rejected",
+                          seed: int = 0) -> tuple[Dataset, DataReport]:
+    """Turn raw rows into prompt / chosen / rejected, dropping (and counting) pairs with chosen == rejected."""
+    if data_format not in PREFERENCE_FORMATS:
+        raise DataError(f"Unknown data_format '{data_format}'; choose one of {', '.join(PREFERENCE_FORMATS)}.")
+    ds = rows.dataset
+    if data_format == "auto":
+        data_format = detect_format(ds.column_names, ds[0] if len(ds) else {}, prompt_column, chosen_column,
+                                    rejected_column)
+    report = DataReport(source=rows.source, rows_in=len(ds))
+    cols = {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
+    out = []
+    for pair in NORMALISERS[data_format](rows, cols, report, random.Random(seed)):
+        if pair["chosen"] == pair["rejected"]:
+            report.drop("chosen == rejected")
+            continue
+        out.append(pair)
+    report.rows_out = len(out)
+    if not out:
+        raise DataError(f"No usable preference pairs left in {rows.source} ({report.summary()}).")
+    return Dataset.from_list(out), report
+
+
+def normalize_prompts(rows: Rows, prompt_column: str = "prompt") -> tuple[Dataset, DataReport]:
+    """Prompt-only rows for PPO / GRPO / RLOO: a ``prompt`` string or message list, or an HH-RLHF dialogue."""
+    ds = rows.dataset
+    report = DataReport(source=rows.source, rows_in=len(ds))
+    column = prompt_column if prompt_column in ds.column_names else None
+    if column is None:
+        for alt in ("messages", "chosen", "question", "instruction"):
+            if alt in ds.column_names:
+                column = alt
+                break
+    if column is None:
+        raise DataError(f"{rows.source}: no prompt column '{prompt_column}'; columns found: {ds.column_names}. "
+                        "Set prompt_column in the recipe.")
+    prompts, seen = [], set()
+    for i, row in enumerate(ds):
+        value = row[column]
+        _check_text(value, rows, i, column)
+        if isinstance(value, str) and ASSISTANT_TAG in value and column != prompt_column:
+            value = split_hh_dialogue(value)[0]  # an HH dialogue: prompt = up to the last assistant turn
+        elif _is_messages(value) and value[-1]["role"] == "assistant":
+            value = value[:-1]
+        key = json.dumps(value)
+        if key in seen:
+            report.drop("duplicate prompt")
+            continue
+        seen.add(key)
+        prompts.append({"prompt": value})
+    report.rows_out = len(prompts)
+    if not prompts:
+        raise DataError(f"No usable prompts in {rows.source} ({report.summary()}).")
+    return Dataset.from_list(prompts), report
+
+
+# ------------------------------------------------------------------------------------------------ splitting
+def train_eval_split(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Deterministic split by seed; ``eval_fraction == 0`` gives no eval set."""
+    if eval_fraction <= 0:
+        return ds, None
+    n_eval = max(1, int(round(len(ds) * eval_fraction)))
+    if n_eval >= len(ds):
+        raise DataError(f"eval_fraction={eval_fraction} leaves no training rows out of {len(ds)}.")
+    split = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def load_preference_data(args, seed: int = 0) -> tuple[Dataset, Dataset | None, DataReport]:
+    """Train / eval preference datasets from ``DataArguments`` (or any object with the same fields)."""
+    if not args.dataset_name:
+        raise DataError("No dataset given: set dataset_name (a local file, a directory, or a Hub dataset id).")
+    rows = load_rows(args.dataset_name, args.dataset_train_split, args.dataset_config)
+    train, report = normalize_preferences(rows, args.data_format, args.prompt_column, args.chosen_column,
+                                          args.rejected_column, seed)
+    if args.dataset_eval_split:
+        eval_rows = load_rows(args.dataset_name, args.dataset_eval_split, args.dataset_config)
+        eval_ds, eval_report = normalize_preferences(eval_rows, args.data_format, args.prompt_column,
+                                                     args.chosen_column, args.rejected_column, seed)
+        report.dropped.update({f"eval: {k}": v for k, v in eval_report.dropped.items()})
+    else:
+        train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
+    train = _take(train, args.max_train_samples)
+    eval_ds = _take(eval_ds, args.max_eval_samples)
+    logger.info(report.summary())
+    return train, eval_ds, report
+
+
+def load_prompt_data(args, seed: int = 0) -> tuple[Dataset, Dataset | None, DataReport]:
+    """Train / eval prompt datasets from ``DataArguments``."""
+    if not args.dataset_name:
+        raise DataError("No prompt dataset given: set dataset_name (a local file, a directory, or a Hub id).")
+    rows = load_rows(args.dataset_name, args.dataset_train_split, args.dataset_config)
+    train, report = normalize_prompts(rows, args.prompt_column)
+    if args.dataset_eval_split:
+        eval_ds, _ = normalize_prompts(load_rows(args.dataset_name, args.dataset_eval_split, args.dataset_config),
+                                       args.prompt_column)
+    else:
+        train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
+    return _take(train, args.max_train_samples), _take(eval_ds, args.max_eval_samples), report
+
+
+def _take(ds: Dataset | None, n: int | None) -> Dataset | None:
+    return ds.select(range(min(n, len(ds)))) if ds is not None and n else ds
+
+
+# --------------------------------------------------------------------------------------------- length control
+def _text_of(value: Any, tokenizer) -> str:
+    if isinstance(value, str):
+        return value
+    return tokenizer.apply_chat_template(value, tokenize=False)
+
+
+def filter_by_length(ds: Dataset, tokenizer, max_length: int, report: DataReport, max_prompt_length: int | None = None,
+                     mode: str = "drop") -> Dataset:
+    """Count, then drop (``mode="drop"``) or keep for truncation (``mode="truncate"``), pairs over ``max_length``.
+
+    TRL's trainers drop or truncate over-long pairs silently; doing the count here makes every loss of data visible.
+    A prompt that alone fills ``max_prompt_length`` (default ``max_length``) is always dropped: no response would fit.
+    """
+    if mode not in ("drop", "truncate"):
+        raise DataError(f"Unknown length mode '{mode}': use drop or truncate.")
+    max_prompt = max_prompt_length or max_length
+
+    def lengths(batch):
+        out = {"_prompt_len": [], "_pair_len": []}
+        for p, c, r in zip(batch["prompt"], batch["chosen"], batch["rejected"]):
+            lp = len(tokenizer(_text_of(p, tokenizer))["input_ids"])
+            lc = len(tokenizer(_text_of(c, tokenizer))["input_ids"])
+            lr = len(tokenizer(_text_of(r, tokenizer))["input_ids"])
+            out["_prompt_len"].append(lp)
+            out["_pair_len"].append(lp + max(lc, lr))
+        return out
+
+    measured = ds.map(lengths, batched=True)
+    prompt_too_long = sum(1 for n in measured["_prompt_len"] if n >= max_prompt)
+    over = sum(1 for p, n in zip(measured["_prompt_len"], measured["_pair_len"]) if p < max_prompt and n > max_length)
+    if prompt_too_long:
+        report.drop(f"prompt alone has >= {max_prompt} tokens", prompt_too_long)
+    if over and mode == "drop":
+        report.drop(f"pair over max_length={max_length}", over)
+    elif over:
+        report.truncated[f"pair over max_length={max_length}"] += over
+    keep = [i for i, (p, n) in enumerate(zip(measured["_prompt_len"], measured["_pair_len"]))
+            if p < max_prompt and (mode == "truncate" or n <= max_length)]
+    report.rows_out = len(keep)
+    if not keep:
+        raise DataError(f"Every pair in {report.source} is longer than max_length={max_length} "
+                        f"({report.summary()}). Raise max_length or shorten the data.")
+    return ds.select(keep)

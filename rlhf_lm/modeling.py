@@ -1,0 +1,232 @@
+"""Loading policy / reward backbones and tokenizers, LoRA configs, and the offline tiny-model factory.
+
+The factory builds random-init Llama/Qwen2-shaped causal LMs, their sequence-classification twins and a BERT-style
+encoder, with a BPE tokenizer trained locally, and saves them with ``save_pretrained`` so every stage loads them
+exactly as it would load a Hub model. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from rlhf_lm.errors import ArtifactError, ConfigError
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+# A plain "role: text" template: enough for conversational data on the tiny models, and easy to read in samples.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+TINY_DEFAULTS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+# --------------------------------------------------------------------------------------------------- tokenizers
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, encoder: bool = False) -> PreTrainedTokenizerFast:
+    """Train a small BPE tokenizer on ``texts``.
+
+    Decoder style (default): byte-level BPE, eos = pad-distinct special tokens, a chat template; decode(encode(x))
+    reproduces x exactly. ``encoder=True`` gives a BERT-style tokenizer: [CLS] x [SEP], a pad token and *no* EOS,
+    the shape that trips RewardTrainer (see ``ensure_special_tokens``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if encoder:
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+        tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", model_max_length=512)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD_TOKEN, EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN, model_max_length=512)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# ----------------------------------------------------------------------------------------------- tiny models
+def tiny_config(arch: str, tokenizer: PreTrainedTokenizerBase, **overrides):
+    """A small random-init config of the given family sized to ``tokenizer``."""
+    dims = {**TINY_DEFAULTS, **overrides}
+    common = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **dims)
+    if arch == "llama":
+        return LlamaConfig(eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+                           max_position_embeddings=512, num_key_value_heads=dims["num_attention_heads"], **common)
+    if arch == "qwen2":
+        return Qwen2Config(eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+                           max_position_embeddings=512, num_key_value_heads=dims["num_attention_heads"], **common)
+    if arch == "bert":
+        return BertConfig(max_position_embeddings=512, **common)
+    raise ConfigError(f"Unknown tiny-model arch '{arch}': choose llama, qwen2 or bert.")
+
+
+def build_tiny_model(
+    output_dir: str | os.PathLike,
+    texts: Iterable[str],
+    arch: str = "llama",
+    head: str = "causal",
+    vocab_size: int = 512,
+    seed: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    **config_overrides,
+) -> Path:
+    """Train a tokenizer on ``texts`` (unless given), build a random-init model and save both to ``output_dir``.
+
+    ``head="causal"`` gives ``AutoModelForCausalLM``; ``head="classifier"`` the sequence-classification twin with one
+    label (a reward-model backbone). ``arch="bert"`` is always a classifier (an encoder reward backbone).
+    """
+    output_dir = Path(output_dir)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size, encoder=(arch == "bert"))
+    config = tiny_config(arch, tokenizer, **config_overrides)
+    torch.manual_seed(seed)
+    if head == "classifier" or arch == "bert":
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    elif head == "causal":
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        raise ConfigError(f"Unknown head '{head}': choose causal or classifier.")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+def _check_source(path: str, what: str) -> None:
+    """Fail early, with the path, for a local path that does not exist; Hub ids ("org/name") pass through."""
+    if os.path.exists(path):
+        return
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path) and not path.startswith("."):
+        return  # looks like a Hub id: let transformers try (and fail clearly offline)
+    raise ArtifactError(f"{what} not found: {path}. Check the path, or give a Hub model id.")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[dtype]
+    except KeyError as e:
+        raise ConfigError(f"Unknown dtype '{dtype}': use auto, float32, bfloat16 or float16.") from e
+
+
+def load_tokenizer(
+    path: str, padding_side: str = "right", trust_remote_code: bool = False, require_eos: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad (pad = eos when the model has no pad token)."""
+    _check_source(path, "Tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ArtifactError(f"Could not load a tokenizer from {path}: {e}") from e
+    ensure_special_tokens(tok, source=path, require_eos=require_eos)
+    tok.padding_side = padding_side
+    return tok
+
+
+def ensure_special_tokens(tok: PreTrainedTokenizerBase, source: str = "tokenizer", require_eos: bool = False) -> None:
+    """Give ``tok`` a pad token if it lacks one; with ``require_eos`` fail clearly when there is no EOS token.
+
+    BERT-style tokenizers have no EOS: use their SEP token as EOS (what RewardTrainer appends) rather than crash.
+    """
+    if tok.eos_token is None and tok.sep_token is not None:
+        tok.eos_token = tok.sep_token
+    if require_eos and tok.eos_token is None:
+        raise ConfigError(
+            f"The tokenizer of {source} has no EOS token (and no SEP token to stand in). Set `eos_token` in the "
+            "recipe to a token of its vocabulary."
+        )
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"The tokenizer of {source} has neither a pad nor an EOS token; set `pad_token`.")
+        tok.pad_token = tok.eos_token
+
+
+def _from_pretrained(auto_cls, path: str, what: str, dtype="auto", trust_remote_code=False,
+                     allow_pickle_weights=False, **kwargs) -> PreTrainedModel:
+    _check_source(path, what)
+    try:
+        return auto_cls.from_pretrained(
+            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle_weights else True, **kwargs,
+        )
+    except OSError as e:
+        hint = (" Only safetensors weights load by default; set allow_pickle_weights: true to allow .bin files."
+                if not allow_pickle_weights and "safetensors" in str(e).lower() else "")
+        raise ArtifactError(f"Could not load the {what.lower()} from {path}: {e}.{hint}") from e
+
+
+def load_causal_lm(path: str, dtype="auto", trust_remote_code=False, allow_pickle_weights=False, **kw):
+    """Load a causal LM (policy / reference backbone). Safetensors only unless ``allow_pickle_weights``."""
+    return _from_pretrained(AutoModelForCausalLM, path, "Policy model", dtype, trust_remote_code,
+                            allow_pickle_weights, **kw)
+
+
+def load_sequence_classifier(path: str, dtype="auto", trust_remote_code=False, allow_pickle_weights=False, **kw):
+    """Load a one-label sequence classifier (reward backbone)."""
+    kw.setdefault("num_labels", 1)
+    return _from_pretrained(AutoModelForSequenceClassification, path, "Reward model", dtype, trust_remote_code,
+                            allow_pickle_weights, **kw)
+
+
+def lora_config_from_args(args, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """A PEFT LoraConfig from ``ModelArguments`` (None when ``use_peft`` is off).
+
+    For reward models pass ``task_type="SEQ_CLS"`` and the score head in ``modules_to_save`` so it is trained and
+    saved with the adapter.
+    """
+    if not args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules
+    if isinstance(targets, list) and len(targets) == 1:
+        targets = targets[0]
+    save = list(args.lora_modules_to_save or []) + list(modules_to_save or [])
+    return LoraConfig(
+        task_type=task_type, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        target_modules=targets, bias="none", use_rslora=args.use_rslora, use_dora=args.use_dora,
+        modules_to_save=save or None,
+    )
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,38 @@
+"""Brief causal-LM pre-training of the built-in task's base policy, through TRL's SFTTrainer."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from datasets import Dataset
+
+
+def pretrain_causal_lm(
+    model_dir: str | Path,
+    texts: list[str],
+    epochs: int = 3,
+    learning_rate: float = 3e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train the model saved in ``model_dir`` on ``texts`` (each ends with EOS) and save it back in place."""
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+
+    model_dir = str(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp, num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
+            lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0, max_length=128, seed=seed, bf16=False,
+            gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=50,
+            dataset_num_proc=None, use_cpu=True, disable_tqdm=True,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                             processing_class=tokenizer)
+        result = trainer.train()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return {"train_loss": result.training_loss}

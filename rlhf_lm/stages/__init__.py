@@ -1,0 +1,1 @@
+"""One module per stage, each with a straight-line ``main(argv)`` that reads top to bottom."""

@@ -1,0 +1,32 @@
+"""Stage ``task``: write the built-in gold-reward task (data + a briefly pre-trained tiny base policy).
+
+    rlhf-lm task --output_dir runs/task [--seed 0] [--arch llama]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlhf_lm.artifacts import staged_output
+from rlhf_lm.configs import parse_config
+from rlhf_lm.task import TaskConfig, build_task
+
+
+@dataclass
+class TaskStageConfig(TaskConfig):
+    output_dir: str = field(default="runs/task", metadata={"help": "Where to write the task."})
+    arch: str = field(default="llama", metadata={"help": "Tiny base-policy family: llama or qwen2."})
+    pretrain_epochs: int = field(default=3, metadata={"help": "Epochs of causal-LM pre-training of the base policy."})
+    hidden_size: int = field(default=64, metadata={"help": "Width of the tiny base policy."})
+    num_hidden_layers: int = field(default=2, metadata={"help": "Depth of the tiny base policy."})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TaskStageConfig, argv)
+    task_fields = {k: getattr(cfg, k) for k in TaskConfig.__dataclass_fields__}
+    with staged_output(cfg.output_dir) as out:
+        build_task(out, TaskConfig(**task_fields), arch=cfg.arch, pretrain_epochs=cfg.pretrain_epochs,
+                   hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
+                   num_hidden_layers=cfg.num_hidden_layers)
+    print(f"Wrote the built-in task to {cfg.output_dir}")
+    return 0
