@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import staged_output
+from rlhf_lm.artifacts import METRICS_FILE, read_json, staged_output, write_json
 from rlhf_lm.configs import parse_config
 from rlhf_lm.task import TaskConfig, build_task
 
@@ -21,12 +22,26 @@ class TaskStageConfig(TaskConfig):
     num_hidden_layers: int = field(default=2, metadata={"help": "Depth of the tiny base policy."})
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TaskStageConfig, argv)
+CONFIG = TaskStageConfig
+
+
+def run(cfg: TaskStageConfig) -> dict[str, float]:
+    """Build the task into ``cfg.output_dir``; metrics.json (written last) marks the stage finished for a pipeline."""
     task_fields = {k: getattr(cfg, k) for k in TaskConfig.__dataclass_fields__}
     with staged_output(cfg.output_dir) as out:
         build_task(out, TaskConfig(**task_fields), arch=cfg.arch, pretrain_epochs=cfg.pretrain_epochs,
                    hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
                    num_hidden_layers=cfg.num_hidden_layers)
+        meta = read_json(out / "task.json")
+        metrics = {"task/label_agreement": meta["label_agreement"],
+                   "task/num_train_prompts": float(meta["num_train_prompts"]),
+                   "task/num_eval_prompts": float(meta["num_eval_prompts"])}
+        write_json(out / METRICS_FILE, {**metrics, "config": dataclasses.asdict(cfg)})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TaskStageConfig, argv)
+    run(cfg)
     print(f"Wrote the built-in task to {cfg.output_dir}")
     return 0
