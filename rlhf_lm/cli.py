@@ -37,6 +37,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _cpu_ranks_join_one_group() -> None:
+    """Under torchrun on a machine without CUDA, make the ranks one gloo process group.
+
+    Accelerate's multi-process launcher does not tell the ranks they run on CPU, and a Trainer without
+    ``use_cpu`` then silently runs N independent single-process copies. ACCELERATE_USE_CPU is what both
+    transformers' TrainingArguments and Accelerator read to pick the MULTI_CPU (gloo) setup instead.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -49,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rlhf-lm: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=os.environ.get("RLHF_LM_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    _cpu_ranks_join_one_group()
     module = importlib.import_module(COMMANDS[command][0])
     try:
         code = module.main(rest)
