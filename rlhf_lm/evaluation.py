@@ -1,0 +1,366 @@
+"""Evaluate a fine-tuned policy against its reference on held-out prompts.
+
+Shared by DPO, PPO, GRPO, the pipeline and ``rlhf-lm evaluate``:
+
+* :func:`generate_completions` - batched sampling (left padding, KV cache, stops at EOS; chat prompts go through the
+  chat template),
+* :func:`sequence_kl` - per-sample KL(policy || reference) per completion token,
+* :func:`evaluate_policy` - policy vs reference samples on the same prompts: win-rate judged by any RewardModel,
+  mean rewards, KL, the built-in task's gold reward, and a JSONL file of samples,
+* :func:`preference_accuracy` - DPO's implicit-reward accuracy and margin on held-out pairs, from TRL's own
+  ``DPOTrainer.evaluate()``.
+
+The reference of a LoRA policy needs no second model: it is the same model with its adapters switched off, or, when
+the policy was trained from an earlier adapter (e.g. SFT), the frozen copy of that adapter named ``"ref"`` that TRL's
+DPOTrainer keeps (see :func:`reference_mode`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_lm.errors import ConfigError, DataError
+from rlhf_lm.rewards import RewardModel, check_rewards
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[dict]
+REF_ADAPTER = "ref"  # the name TRL's DPOTrainer gives the frozen copy of a pre-trained adapter
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def reference_mode(policy) -> Iterator[Any]:
+    """Turn a LoRA policy into its own reference for the duration of the block (no second copy of the weights).
+
+    With a ``"ref"`` adapter (a policy trained on from an earlier adapter) that adapter is switched on; otherwise
+    all adapters are switched off, leaving the base model.
+    """
+    if not _is_peft(policy):
+        raise ConfigError("reference=None needs a LoRA (PEFT) policy, whose reference is the adapter-free model. "
+                          "Pass the reference model explicitly for a fully fine-tuned policy.")
+    if REF_ADAPTER in policy.peft_config:
+        active = policy.active_adapter
+        policy.set_adapter(REF_ADAPTER)
+        try:
+            yield policy
+        finally:
+            policy.set_adapter(active)
+    else:
+        with policy.disable_adapter():
+            yield policy
+
+
+def _as_reference(policy, reference):
+    """A context manager yielding the reference model (the explicit one, or the policy in reference mode)."""
+    return contextlib.nullcontext(reference) if reference is not None else reference_mode(policy)
+
+
+def _prompt_text(tokenizer, prompt: Prompt) -> str:
+    """The text the model is conditioned on: plain prompts as they are, chats through the chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def _encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt, as TRL's DPOTrainer tokenizes them (chat templates carry their own specials)."""
+    texts = [_prompt_text(tokenizer, p) for p in prompts]
+    add_special = [isinstance(p, str) for p in prompts]
+    if all(add_special) or not any(add_special):
+        return tokenizer(texts, add_special_tokens=add_special[0] if texts else True)["input_ids"]
+    return [tokenizer(t, add_special_tokens=s)["input_ids"] for t, s in zip(texts, add_special, strict=True)]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+# -------------------------------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_token_ids(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Sample a completion for each tokenized prompt; returns the generated ids (up to and including EOS).
+
+    Prompts are grouped by length (less padding) and left-padded; the KV cache is on. Sampling is seeded in a
+    forked RNG, so the same seed gives the same samples and the caller's random state is untouched.
+    """
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise DataError("Cannot generate from an empty prompt.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = _eos_ids(model, tokenizer)
+    device = _device(model)
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    sample = temperature > 0
+    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                      eos_token_id=sorted(eos_ids) or None, use_cache=True)
+    if sample:
+        gen_kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)  # top_k=0: no top-k cut
+    was_training = model.training
+    model.eval()
+    out: list[list[int] | None] = [None] * len(prompt_ids)
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                ids, mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
+                generated = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)[:, ids.shape[1]:]
+                for row, i in zip(generated.tolist(), batch, strict=True):
+                    out[i] = _cut_at_eos(row, eos_ids)
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+def _cut_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
+    """Keep tokens up to and including the first EOS (what follows is padding)."""
+    for j, t in enumerate(row):
+        if t in eos_ids:
+            return row[:j + 1]
+    return row
+
+
+def generate_completions(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[str]:
+    """Sample one completion per prompt and decode it (special tokens, EOS included, are stripped).
+
+    ``temperature=0`` decodes greedily. Conversational prompts (lists of messages) go through the tokenizer's chat
+    template with ``add_generation_prompt=True``.
+    """
+    ids = generate_token_ids(model, tokenizer, _encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- KL
+@torch.no_grad()
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+                        batch_size: int = 64) -> list[torch.Tensor]:
+    """Per-token log-probabilities (float32, on CPU) of each completion given its prompt.
+
+    Rows are laid out ``[pad .. prompt completion .. pad]`` so every completion token sits in the last
+    ``max completion length`` positions and only those logits are computed (``logits_to_keep``); position ids
+    follow the attention mask, as in generation.
+    """
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            prompts = prompt_ids[start:start + batch_size]
+            completions = completion_ids[start:start + batch_size]
+            width_p = max(len(p) for p in prompts)
+            width_c = max(max(len(c) for c in completions), 1)
+            n = len(prompts)
+            ids = torch.full((n, width_p + width_c), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+                ids[i, width_p - len(p):width_p + len(c)] = torch.tensor(p + c)
+                mask[i, width_p - len(p):width_p + len(c)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            # logits at position t predict token t+1: the completion's tokens are predicted from width_p-1 onwards
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=width_c + 1, use_cache=False).logits[:, :-1].float()
+            targets = ids[:, width_p:]
+            token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+            for i, c in enumerate(completions):
+                out.append(token_logps[i, :len(c)].cpu())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def kl_per_token(policy_logps: list[torch.Tensor], reference_logps: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over each completion's tokens of ``log p_policy - log p_ref`` (the k1 estimator); 0 for empty ones."""
+    return torch.stack([(p - r).mean() if p.numel() else torch.tensor(0.0)
+                        for p, r in zip(policy_logps, reference_logps, strict=True)])
+
+
+def sequence_kl(policy, reference, tokenizer, prompts: list[Prompt], completions: list[str],
+                batch_size: int = 64) -> torch.Tensor:
+    """Per-sample KL(policy || reference) per completion token, shape ``(n,)``.
+
+    The estimator is k1 (Schulman's notation): ``mean_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)]`` over
+    the completion's tokens. It is unbiased for the KL when the completions were sampled from ``policy``, and can
+    be negative on a single sample. Each completion is re-tokenized and ends with EOS, as DPO training sees it.
+    ``reference=None`` uses a LoRA policy's adapter-free base (see :func:`reference_mode`).
+    """
+    if len(prompts) != len(completions):
+        raise DataError(f"sequence_kl got {len(prompts)} prompts but {len(completions)} completions.")
+    prompt_ids = _encode_prompts(tokenizer, prompts)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    completion_ids = [ids + eos for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    policy_logps = completion_logprobs(policy, prompt_ids, completion_ids, pad_id, batch_size)
+    with _as_reference(policy, reference) as ref:
+        reference_logps = completion_logprobs(ref, prompt_ids, completion_ids, pad_id, batch_size)
+    return kl_per_token(policy_logps, reference_logps)
+
+
+# ---------------------------------------------------------------------------------------------------- win-rate
+def win_rate(policy_scores: torch.Tensor, reference_scores: torch.Tensor) -> float:
+    """Fraction of prompts where the policy's sample scores higher than the reference's; ties count half."""
+    if policy_scores.numel() == 0:
+        return float("nan")
+    wins = (policy_scores > reference_scores).float() + 0.5 * (policy_scores == reference_scores).float()
+    return wins.mean().item()
+
+
+def evaluate_policy(
+    policy,
+    tokenizer,
+    prompts: list[Prompt],
+    reward_model: RewardModel | None = None,
+    *,
+    reference=None,
+    gold: bool = False,
+    samples_path: str | Path | None = None,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Sample from the policy and from its reference on ``prompts`` and compare them.
+
+    Metrics (all under ``eval/``): ``win_rate`` of policy over reference judged by ``reward_model`` (ties count
+    half), ``reward/policy`` and ``reward/reference`` (mean scores), ``kl`` (mean over prompts of the per-token k1
+    KL(policy || reference) on the policy's own samples, see :func:`sequence_kl`), ``length/policy`` and
+    ``length/reference`` (mean generated tokens), ``num_prompts``; with ``gold=True`` also the built-in task's
+    ``gold_reward/policy``, ``gold_reward/reference`` and ``gold_win_rate``. Both models sample with the same seed.
+
+    ``reference=None`` with a LoRA policy uses the policy itself in :func:`reference_mode` (no second copy).
+    ``samples_path`` gets one JSON line per prompt: prompt, policy and reference completions, and their scores.
+    """
+    if not prompts:
+        raise DataError("No evaluation prompts: the held-out prompt set is empty.")
+    if reward_model is None and not gold:
+        logger.info("evaluate_policy: no reward model and gold=False, so only KL and lengths are reported.")
+    prompt_ids = _encode_prompts(tokenizer, prompts)
+    gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
+    policy_ids = generate_token_ids(policy, tokenizer, prompt_ids, **gen)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    policy_logps = completion_logprobs(policy, prompt_ids, policy_ids, pad_id, batch_size)
+    with _as_reference(policy, reference) as ref:
+        reference_ids = generate_token_ids(ref, tokenizer, prompt_ids, **gen)
+        ref_logps_on_policy = completion_logprobs(ref, prompt_ids, policy_ids, pad_id, batch_size)
+    kl = kl_per_token(policy_logps, ref_logps_on_policy)
+
+    policy_texts = tokenizer.batch_decode(policy_ids, skip_special_tokens=True)
+    reference_texts = tokenizer.batch_decode(reference_ids, skip_special_tokens=True)
+    prompt_texts = [_prompt_text(tokenizer, p) for p in prompts]
+    n = len(prompts)
+    metrics: dict[str, float] = {
+        "eval/num_prompts": float(n),
+        "eval/kl": kl.mean().item(),
+        "eval/length/policy": sum(map(len, policy_ids)) / n,
+        "eval/length/reference": sum(map(len, reference_ids)) / n,
+    }
+    columns: dict[str, list[float]] = {"kl": kl.tolist()}
+    if reward_model is not None:
+        name = getattr(reward_model, "name", type(reward_model).__name__)
+        r_pol = check_rewards(reward_model(prompt_texts, policy_texts), n, name).cpu()
+        r_ref = check_rewards(reward_model(prompt_texts, reference_texts), n, name).cpu()
+        metrics.update({"eval/win_rate": win_rate(r_pol, r_ref), "eval/reward/policy": r_pol.mean().item(),
+                        "eval/reward/reference": r_ref.mean().item()})
+        columns.update(reward_policy=r_pol.tolist(), reward_reference=r_ref.tolist())
+    if gold:
+        from rlhf_lm.task import gold_reward
+
+        g_pol = torch.tensor([gold_reward(p, c) for p, c in zip(prompt_texts, policy_texts, strict=True)])
+        g_ref = torch.tensor([gold_reward(p, c) for p, c in zip(prompt_texts, reference_texts, strict=True)])
+        metrics.update({"eval/gold_win_rate": win_rate(g_pol, g_ref), "eval/gold_reward/policy": g_pol.mean().item(),
+                        "eval/gold_reward/reference": g_ref.mean().item()})
+        columns.update(gold_policy=g_pol.tolist(), gold_reference=g_ref.tolist())
+    if samples_path is not None:
+        write_samples(samples_path, prompts, policy_texts, reference_texts, columns)
+    return metrics
+
+
+def write_samples(path: str | Path, prompts: list[Prompt], policy: list[str], reference: list[str],
+                  columns: dict[str, list[float]]) -> None:
+    """One JSON line per prompt: ``prompt``, ``policy``, ``reference`` and a ``scores`` dict."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i, (p, a, b) in enumerate(zip(prompts, policy, reference, strict=True)):
+            scores = {k: round(v[i], 6) for k, v in columns.items()}
+            f.write(json.dumps({"prompt": p, "policy": a, "reference": b, "scores": scores}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ implicit rewards
+IMPLICIT_METRICS = {"eval_rewards/accuracies": "eval/implicit_accuracy", "eval_rewards/margins": "eval/implicit_margin",
+                    "eval_loss": "eval/dpo_loss", "eval_rewards/chosen": "eval/implicit_reward/chosen",
+                    "eval_rewards/rejected": "eval/implicit_reward/rejected"}
+
+
+def implicit_reward_metrics(trl_metrics: dict[str, float]) -> dict[str, float]:
+    """Rename the metrics of ``DPOTrainer.evaluate()`` to our ``eval/`` keys (accuracy, margin, loss, rewards)."""
+    return {ours: float(trl_metrics[theirs]) for theirs, ours in IMPLICIT_METRICS.items() if theirs in trl_metrics}
+
+
+def preference_accuracy(trainer, eval_dataset=None) -> dict[str, float]:
+    """DPO's implicit-reward accuracy and margin on held-out pairs, computed by TRL's ``DPOTrainer.evaluate()``.
+
+    The implicit reward of a completion is ``beta * (log pi(y|x) - log pi_ref(y|x))``; accuracy is the fraction of
+    pairs whose chosen completion gets the higher one, margin the mean difference. ``trainer`` is a DPOTrainer
+    (e.g. :func:`rlhf_lm.stages.dpo.build_trainer`); ``eval_dataset`` defaults to its own eval split.
+    """
+    if eval_dataset is None and trainer.eval_dataset is None:
+        raise DataError("preference_accuracy needs held-out pairs: the trainer has no eval split.")
+    return implicit_reward_metrics(trainer.evaluate(eval_dataset))
