@@ -161,6 +161,8 @@ def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
         recipe = load_recipe(args[i + 1])
         recipe.pop("env", None)  # TrlParser sets these as environment variables
         check_keys(list(recipe), config_cls, f"recipe {args[i + 1]}")
+        if not recipe:  # an empty recipe sets nothing (TrlParser would reject it)
+            del args[i : i + 2]
     parser = TrlParser([config_cls])
     try:
         *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)

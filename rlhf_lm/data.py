@@ -100,7 +100,7 @@ def _read_json_lines(path: Path) -> Rows:
             lines.append(lineno)
     if not rows:
         raise DataError(f"{path} has no rows.")
-    return Rows(_from_list(rows, str(path)), str(path), lines)
+    return Rows(_from_list(rows, str(path), lines), str(path), lines)
 
 
 def _read_json(path: Path) -> Rows:
@@ -122,10 +122,38 @@ def _read_json(path: Path) -> Rows:
     return Rows(_from_list(data, str(path)), str(path))
 
 
-def _from_list(rows: list[dict], source: str) -> Dataset:
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return type(value).__name__
+
+
+def _from_list(rows: list[dict], source: str, lines: list[int] | None = None) -> Dataset:
+    """Build a Dataset from JSON rows: the union of all keys (missing = None), one type per column.
+
+    ``Dataset.from_list`` takes its columns from the first row and raises an opaque Arrow error on a type clash, so
+    both are checked here, naming the row that breaks the pattern.
+    """
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    first_kind: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            kind = _kind(value)
+            if kind == "null":
+                continue
+            seen = first_kind.setdefault(key, (kind, i))
+            if seen[0] != kind:
+                where = f"{source}:{lines[i]}" if lines else f"{source} row {i + 1}"
+                first = f"line {lines[seen[1]]}" if lines else f"row {seen[1] + 1}"
+                raise DataError(f"{where}, column '{key}': got {kind}, but {first} has {seen[0]}. Give each column "
+                                "one type.")
     try:
-        return Dataset.from_list(rows)
-    except Exception as e:  # pyarrow type clash, e.g. a column that is a string in one row and a list in another
+        return Dataset.from_list([{key: row.get(key) for key in columns} for row in rows])
+    except Exception as e:  # nested structures that Arrow still cannot unify
         raise DataError(f"{source}: rows do not share one schema ({e}). Check that each column has one type.") from e
 
 
