@@ -1,0 +1,387 @@
+"""``rlhf-lm pipeline``: run the stages of one recipe in order, each picking up the artifacts of the ones before.
+
+A pipeline recipe is flat YAML::
+
+    output_dir: runs/hh                 # each stage writes <output_dir>/<stage name> unless its section says otherwise
+    stages: [reward, ppo, evaluate]     # run in this order
+    model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct   # shared keys: given to every stage whose config has the field
+    seed: 0
+    reward:                             # a section per stage: that stage's config keys (they win over shared keys)
+      learning_rate: 1.0e-4
+    eval_ppo:                           # a stage whose name is not its kind says `stage: <kind>`
+      stage: evaluate
+      inputs: {policy: ppo}             # which earlier stage provides an input (default: the latest that has one)
+
+How artifacts flow (only into fields the user left unset, and only if the stage's config has that field):
+
+=================  ====================================================================================
+task               base policy -> ``model_name_or_path``; its pairs / prompts -> ``dataset_name`` + splits;
+                   ``gold: true`` where a stage can also score with the task's gold reward
+reward             its output directory -> ``reward_model``
+dpo/ppo/grpo/rloo  their output directory (adapter or model) -> ``policy_name_or_path`` of a later stage
+=================  ====================================================================================
+
+A stage is finished when its output directory holds ``metrics.json`` (stages write it last, through
+``staged_output``), and a re-run skips it - unless it is forced (``--force`` / ``force: true`` for all,
+``--force dpo,ppo`` / ``force: [dpo]`` for some) or an input it depends on was rebuilt in this run. A failing stage
+leaves every finished output as it was; fix the cause and re-run to continue where it stopped.
+
+``push_to_hub: true`` (with ``hub_repo_id``) pushes the run at the end through :mod:`rlhf_lm.hub`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
+from rlhf_lm.configs import load_recipe
+from rlhf_lm.errors import ArtifactError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.json"
+
+# stage kind -> module that follows the stage contract (CONFIG, run(cfg) -> metrics, main(argv))
+STAGE_MODULES: dict[str, str] = {
+    "task": "rlhf_lm.stages.task",
+    "reward": "rlhf_lm.stages.reward",
+    "dpo": "rlhf_lm.stages.dpo",
+    "ppo": "rlhf_lm.stages.ppo",
+    "grpo": "rlhf_lm.stages.grpo",
+    "rloo": "rlhf_lm.stages.rloo",
+    "evaluate": "rlhf_lm.stages.evaluate",
+}
+POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
+# What each stage kind hands on, by input name.
+PROVIDES: dict[str, tuple[str, ...]] = {
+    "task": ("base_model", "preference_data", "prompt_data", "gold"),
+    "reward": ("reward_model",),
+    **{kind: ("policy",) for kind in POLICY_STAGES},
+}
+# The keys of the pipeline recipe itself; every other top-level key is a shared stage key or a stage section.
+PIPELINE_KEYS = ("stages", "output_dir", "force", "push_to_hub", "hub_repo_id", "hub_private")
+SECTION_KEYS = ("stage", "inputs")  # keys of a stage section that belong to the pipeline, not the stage config
+
+
+@dataclass
+class StagePlan:
+    """One stage of a pipeline with its resolved config values and where its inputs come from."""
+
+    name: str
+    kind: str
+    values: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)  # input name -> providing stage name
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.values["output_dir"])
+
+
+@dataclass
+class Pipeline:
+    output_dir: Path
+    stages: list[StagePlan]
+    force: set[str]
+    push_to_hub: bool = False
+    hub_repo_id: str | None = None
+    hub_private: bool = True
+    source: str = "the recipe"
+
+
+# ------------------------------------------------------------------------------------------------ planning
+def stage_module(kind: str, source: str = "the recipe"):
+    """The module of a stage kind: a built-in name, or ``package.module`` of your own stage (same contract)."""
+    module_name = STAGE_MODULES.get(kind, kind)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name and not module_name.startswith(f"{e.name}."):
+            raise
+        if kind in STAGE_MODULES:
+            raise ConfigError(f"Stage '{kind}' is not available in this installation ({module_name} is missing).") from e
+        raise _unknown_stage(kind, source) from e
+    if not (hasattr(module, "CONFIG") and hasattr(module, "run")):
+        raise ConfigError(f"Stage module {module_name} must define CONFIG (a config dataclass) and run(cfg).")
+    return module
+
+
+def stage_config_class(kind: str) -> type:
+    return stage_module(kind).CONFIG
+
+
+def provides(kind: str) -> tuple[str, ...]:
+    """What a stage kind hands on; a custom stage module may declare ``PROVIDES = ("policy",)``."""
+    return PROVIDES.get(kind) or tuple(getattr(stage_module(kind), "PROVIDES", ()))
+
+
+def _fields(config_cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls) if f.init}
+
+
+def _unknown_stage(name: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(name, STAGE_MODULES, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown stage '{name}' in {source}.{hint} Stages: {', '.join(STAGE_MODULES)} (or the "
+                       "module path of your own stage); a section with another name needs `stage: <one of these>`.")
+
+
+def _artifact_values(kind: str, fields: set[str], providers: dict[str, StagePlan]) -> dict[str, Any]:
+    """Config values that point a stage of ``kind`` at the artifacts of the stages before it."""
+    values: dict[str, Any] = {}
+
+    def offer(key: str, value: Any) -> None:
+        if key in fields:
+            values[key] = value
+
+    if "base_model" in providers:
+        offer("model_name_or_path", str(providers["base_model"].output_dir / "base_policy"))
+    data = "prompt_data" if kind in ("ppo", "grpo", "rloo", "evaluate") or "reward_model" in fields else "preference_data"
+    if data in providers:
+        split = "prompts" if data == "prompt_data" else "pairs"
+        offer("dataset_name", str(providers[data].output_dir / "data"))
+        # The evaluate stage works on held-out prompts only; training stages evaluate on the held-out split.
+        offer("dataset_train_split", f"{split}_eval" if kind == "evaluate" else f"{split}_train")
+        offer("dataset_eval_split", f"{split}_eval")
+    if "gold" in providers:
+        offer("gold", True)
+    if "reward_model" in providers:
+        offer("reward_model", str(providers["reward_model"].output_dir))
+    if "policy" in providers:
+        offer("policy_name_or_path", str(providers["policy"].output_dir))
+    return values
+
+
+def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir: str | None = None) -> Pipeline:
+    """Resolve a pipeline recipe into stages with complete config values (nothing is run or imported twice)."""
+    recipe = dict(recipe)
+    stage_list = recipe.pop("stages", None)
+    if not stage_list or not isinstance(stage_list, list):
+        raise ConfigError(f"{source} needs `stages:`, a list of stage names, e.g. [task, reward, dpo, evaluate].")
+    run_dir = Path(output_dir or recipe.pop("output_dir", None) or "runs/pipeline")
+    recipe.pop("output_dir", None)
+    force = recipe.pop("force", False)
+    push, repo_id, private = recipe.pop("push_to_hub", False), recipe.pop("hub_repo_id", None), recipe.pop(
+        "hub_private", True)
+    if push and not repo_id:
+        raise ConfigError(f"{source}: push_to_hub is true but hub_repo_id is not set (e.g. hub_repo_id: you/my-run).")
+
+    names = [str(s) for s in stage_list]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: a stage name appears twice in `stages`; give repeated kinds their own "
+                          "section names (e.g. eval_dpo: {stage: evaluate}).")
+    sections = {name: recipe.pop(name) for name in names if name in recipe}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of config keys, got {section!r}.")
+
+    # What is left at the top level: shared keys, or sections of stages that are not in `stages` (a mistake).
+    shared = recipe
+    plans: list[StagePlan] = []
+    latest: dict[str, StagePlan] = {}  # input name -> the latest stage providing it
+    by_name: dict[str, StagePlan] = {}
+    used_shared: set[str] = set()
+    for name in names:
+        section = dict(sections.get(name, {}))
+        kind = section.pop("stage", name)
+        explicit_inputs = section.pop("inputs", {}) or {}
+        fields = _fields(stage_module(kind, source).CONFIG)
+        providers = dict(latest)
+        for input_name, provider in explicit_inputs.items():
+            if provider not in by_name:
+                raise ConfigError(f"{source}: stage '{name}' takes input '{input_name}' from '{provider}', which is "
+                                  f"not an earlier stage. Earlier stages: {list(by_name) or 'none'}.")
+            if input_name not in provides(by_name[provider].kind):
+                raise ConfigError(f"{source}: stage '{provider}' ({by_name[provider].kind}) provides "
+                                  f"{list(provides(by_name[provider].kind))}, not '{input_name}'.")
+            providers[input_name] = by_name[provider]
+        values = _artifact_values(kind, fields, providers)
+        own = {}
+        for key, value in shared.items():
+            if key in fields:
+                own[key] = value
+                used_shared.add(key)
+        unknown = [k for k in section if k not in fields]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown config key '{unknown[0]}' in section '{name}' of {source} (a {kind} stage)."
+                              f"{hint}")
+        own.update(section)
+        # A stage depends on a provider (for re-runs and missing-artifact errors) only through values it kept.
+        consumed = {i: p.name for i, p in providers.items() if set(_artifact_values(kind, fields, {i: p})) - set(own)}
+        values.update(own)
+        values.setdefault("output_dir", str(run_dir / name))
+        plan = StagePlan(name=name, kind=kind, values=values, inputs=consumed)
+        plans.append(plan)
+        by_name[name] = plan
+        for provided in provides(kind):
+            latest[provided] = plan
+
+    leftover = [k for k in shared if k not in used_shared]
+    if leftover:
+        key = leftover[0]
+        if key in STAGE_MODULES or isinstance(shared[key], dict) and key != "controller":
+            raise ConfigError(f"{source}: section '{key}' is not in `stages` ({names}). Add it there or remove it.")
+        every = sorted(set().union(*(_fields(stage_config_class(p.kind)) for p in plans)) | set(PIPELINE_KEYS))
+        close = difflib.get_close_matches(key, every, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Unknown config key '{key}' in {source}: no stage of this pipeline ({names}) has it.{hint}")
+
+    if force is True:
+        forced = set(names)
+    elif not force:
+        forced = set()
+    else:
+        forced = set(force if isinstance(force, list) else str(force).split(","))
+        bad = forced - set(names)
+        if bad:
+            raise ConfigError(f"force names stage(s) {sorted(bad)} that are not in this pipeline ({names}).")
+    return Pipeline(run_dir, plans, forced, bool(push), repo_id, bool(private), source)
+
+
+# ------------------------------------------------------------------------------------------------- running
+def is_finished(stage: StagePlan) -> bool:
+    return (stage.output_dir / METRICS_FILE).is_file()
+
+
+def _check_inputs(stage: StagePlan, by_name: dict[str, StagePlan]) -> None:
+    for input_name, provider in stage.inputs.items():
+        if not is_finished(by_name[provider]):
+            raise ArtifactError(f"Stage '{stage.name}' needs the {input_name.replace('_', ' ')} from stage "
+                                f"'{provider}', but {by_name[provider].output_dir} holds no finished result "
+                                f"({METRICS_FILE} missing). Run '{provider}' first (or re-run the whole pipeline).")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _wait_for_everyone() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def run_stage(stage: StagePlan, source: str = "the recipe") -> dict[str, float]:
+    """Build one stage's config from its values (through its own dataclass checks) and run it in this process."""
+    from rlhf_lm.configs import config_from_dict
+
+    module = stage_module(stage.kind)
+    cfg = config_from_dict(module.CONFIG, stage.values, f"section '{stage.name}' of {source}")
+    return module.run(cfg) or {}
+
+
+def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
+    """Run (or skip, when finished) each stage in order; return each stage's metrics, keyed by stage name."""
+    by_name = {s.name: s for s in pipeline.stages}
+    rebuilt: set[str] = set()
+    results: dict[str, dict[str, Any]] = {}
+    record: dict[str, Any] = {"source": pipeline.source, "stages": {}}
+    for stage in pipeline.stages:
+        stale = sorted(set(stage.inputs.values()) & rebuilt)
+        if is_finished(stage) and stage.name not in pipeline.force and not stale:
+            logger.info("Stage %s (%s): finished earlier in %s, skipping (force it to re-run).", stage.name,
+                        stage.kind, stage.output_dir)
+            results[stage.name] = _metrics_only(read_json(stage.output_dir / METRICS_FILE))
+            record["stages"][stage.name] = {"kind": stage.kind, "status": "skipped", "seconds": 0.0}
+            continue
+        _check_inputs(stage, by_name)
+        why = "forced" if stage.name in pipeline.force else f"inputs rebuilt by {stale}" if stale else "not run yet"
+        logger.info("Stage %s (%s): running (%s) -> %s", stage.name, stage.kind, why, stage.output_dir)
+        start = time.perf_counter()
+        try:
+            results[stage.name] = dict(run_stage(stage, pipeline.source))
+        except Exception:
+            logger.error("Stage %s failed. Finished stages and any previous %s are untouched; fix the cause and "
+                         "re-run the pipeline to continue from this stage.", stage.name, stage.output_dir)
+            raise
+        _wait_for_everyone()
+        seconds = time.perf_counter() - start
+        rebuilt.add(stage.name)
+        record["stages"][stage.name] = {"kind": stage.kind, "status": "ran", "seconds": round(seconds, 2)}
+        logger.info("Stage %s finished in %.1f s.", stage.name, seconds)
+
+    record["stage_plan"] = [{"name": s.name, "kind": s.kind, "inputs": s.inputs, "values": s.values}
+                            for s in pipeline.stages]
+    record["metrics"] = results
+    if _is_main_process():
+        pipeline.output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(pipeline.output_dir / PIPELINE_FILE, record)
+        if pipeline.push_to_hub:
+            from rlhf_lm.hub import push_run
+
+            push_run(pipeline.output_dir, pipeline.hub_repo_id, private=pipeline.hub_private)
+    return results
+
+
+def _metrics_only(metrics_json: dict[str, Any]) -> dict[str, Any]:
+    """A stage's metrics.json minus the bulky parts (config, data report, log history)."""
+    return {k: v for k, v in metrics_json.items() if isinstance(v, (int, float, str, bool))}
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def _parse_override(key: str, value: str, recipe: dict[str, Any]) -> None:
+    """``--dpo.beta 0.2`` sets a key in section ``dpo``; ``--seed 1`` sets a shared key. Values are YAML."""
+    parsed = yaml.safe_load(value)
+    if "." in key:
+        section, sub = key.split(".", 1)
+        target = recipe.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--{key}: '{section}' is not a stage section.")
+        target[sub] = parsed
+    else:
+        recipe[key] = parsed
+
+
+def parse_args(argv: list[str] | None) -> tuple[dict[str, Any], str, str | None]:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-lm pipeline",
+        description="Run the stages of a pipeline recipe in order. Extra flags override recipe keys: "
+                    "--seed 1 (shared), --dpo.beta 0.2 (one stage).")
+    parser.add_argument("--config", required=True, help="Pipeline recipe (YAML) with `stages:`.")
+    parser.add_argument("--output_dir", "--output-dir", default=None, help="Run directory (overrides the recipe).")
+    parser.add_argument("--force", nargs="?", const="all", default=None,
+                        help="Re-run finished stages: all (no value) or a comma-separated list of stage names.")
+    args, rest = parser.parse_known_args(argv)
+    recipe = load_recipe(args.config)
+    i = 0
+    while i < len(rest):
+        flag = rest[i]
+        if not flag.startswith("--"):
+            raise ConfigError(f"Unexpected argument '{flag}'. Overrides look like --key value or --stage.key value.")
+        key, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                raise ConfigError(f"{flag} needs a value.")
+            value, i = rest[i + 1], i + 1
+        _parse_override(key.replace("-", "_"), value, recipe)
+        i += 1
+    if args.force == "all":
+        recipe["force"] = True
+    elif args.force:
+        recipe["force"] = args.force.split(",")
+    return recipe, args.config, args.output_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe, source, output_dir = parse_args(argv)
+    pipeline = plan_pipeline(recipe, source=f"recipe {source}", output_dir=output_dir)
+    results = run_pipeline(pipeline)
+    if _is_main_process():
+        for name, metrics in results.items():
+            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{name}: {shown}")
+        print(f"Run directory: {pipeline.output_dir}")
+    return 0

@@ -1,0 +1,45 @@
+"""A small custom stage for the pipeline tests: a real stage module written against the public stage contract.
+
+It reads the task's base-policy tokenizer and preference pairs (artifacts the pipeline hands on) and reports the
+pairs' mean gold reward; ``fail: true`` makes it crash half-way through writing its output, like a killed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
+from rlhf_lm.configs import DataArguments
+from rlhf_lm.data import load_preference_data
+from rlhf_lm.modeling import load_tokenizer
+from rlhf_lm.task import gold_reward
+
+PROVIDES = ("policy",)
+
+
+@dataclass
+class ScoreStageConfig(DataArguments):
+    output_dir: str = field(default="runs/score", metadata={"help": "Where to write metrics.json."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Model whose tokenizer is loaded."})
+    gold: bool = field(default=False, metadata={"help": "Score the pairs with the task's gold reward."})
+    fail: bool = field(default=False, metadata={"help": "Crash after writing part of the output."})
+    tag: str = field(default="", metadata={"help": "Free text copied into metrics.json."})
+
+
+CONFIG = ScoreStageConfig
+
+
+def run(cfg: ScoreStageConfig) -> dict[str, float]:
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
+    train, eval_ds, _ = load_preference_data(cfg)
+    with staged_output(cfg.output_dir) as out:
+        (out / "partial.txt").write_text("started")
+        if cfg.fail:
+            raise RuntimeError("simulated crash in the middle of the score stage")
+        metrics = {"score/rows": float(len(train)), "score/eval_rows": float(len(eval_ds or [])),
+                   "score/vocab": float(len(tokenizer)), "score/tag": cfg.tag}
+        if cfg.gold:
+            metrics["score/gold_chosen"] = sum(gold_reward(r["prompt"], r["chosen"]) for r in train) / len(train)
+        write_json(out / METRICS_FILE, {**metrics, "config": dataclasses.asdict(cfg)})
+    return metrics
