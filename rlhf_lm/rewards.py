@@ -59,8 +59,7 @@ class FunctionReward:
             values = self.fn(prompts, completions)
         else:
             values = [self.fn(p, c) for p, c in zip(prompts, completions)]
-        return check_rewards(values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float32),
-                             len(prompts), self.name)
+        return check_rewards(values, len(prompts), self.name)  # converts lists, and names this reward on bad output
 
     def __repr__(self) -> str:
         return f"FunctionReward({self.name})"

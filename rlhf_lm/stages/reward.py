@@ -1,0 +1,239 @@
+"""Stage ``reward``: train a reward model on preference pairs with TRL's RewardTrainer (LoRA by default).
+
+    rlhf-lm reward --config recipes/builtin/reward.yaml
+    accelerate launch -m rlhf_lm reward --config recipes/builtin/reward.yaml --output_dir runs/reward
+
+Loss: Bradley-Terry, ``-log sigmoid(r_chosen - r_rejected - margin)`` (``margin`` when the data has that column),
+plus ``center_rewards_coefficient * mean(r^2)`` when set. The backbone is any causal LM or encoder directory: it is
+loaded as a one-label sequence classifier, so a policy checkpoint gets a fresh ``score`` head (the usual RM init).
+
+The output directory holds the adapter (or the full / merged model), the tokenizer, and ``metrics.json``: eval
+metrics (accuracy, margin, ECE, length bias; gold accuracy on the built-in task), the reward mean/std over the
+training responses (``reward_mean`` / ``reward_std``, for normalising downstream), the data report and the config.
+``rlhf_lm.reward_model.ClassifierReward.from_pretrained(output_dir)`` loads it back as a RewardModel.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import RewardConfig, RewardTrainer
+
+from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.configs import (
+    ControllerArguments,
+    DataArguments,
+    ModelArguments,
+    TrainingDefaults,
+    _call_next_post_init,
+    parse_config,
+)
+from rlhf_lm.data import DataReport, filter_by_length, load_preference_data
+from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.modeling import count_parameters, load_sequence_classifier, load_tokenizer, lora_config_from_args
+from rlhf_lm.reward_model import ClassifierReward, preference_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, RewardConfig):
+    """Reward-model training: model + LoRA, data, and TRL's RewardConfig (learning rate, epochs, max_length...)."""
+
+    output_dir: str = field(default="runs/reward", metadata={"help": "Where the reward model artifact is written."})
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "Save base + LoRA merged into one model instead of the adapter (bigger, self-contained)."},
+    )
+    gold_metrics: bool | None = field(
+        default=None,
+        metadata={"help": "Report accuracy against the built-in task's noise-free gold preference (evaluation only; "
+                          "never used in training). Default: on when the data comes from a `rlhf-lm task` dir."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.report_to in (None, [None]):  # HfArgumentParser turns the `str | list[str]` default into [None]
+            self.report_to = "none"
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ConfigError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}.")
+        if self.merge_adapter and not self.use_peft:
+            raise ConfigError("merge_adapter: true needs use_peft: true (a full fine-tune has no adapter to merge).")
+        _call_next_post_init(self, RewardStageConfig)
+
+
+CONFIG = RewardStageConfig
+
+
+def task_root(dataset_name: str | None) -> Path | None:
+    """The built-in task directory the data comes from (it holds task.json), or None."""
+    if not dataset_name:
+        return None
+    path = Path(dataset_name)
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "task.json").is_file():
+            return candidate
+    return None
+
+
+def _head_name(model: torch.nn.Module) -> str:
+    """The classification head to train in full and save with the adapter: `score` (decoders), `classifier` (BERT)."""
+    for name in ("score", "classifier"):
+        if hasattr(model, name):
+            return name
+    raise ConfigError(f"{type(model).__name__} has no `score` or `classifier` head; cannot train it as a reward model.")
+
+
+def _check_head_saved(directory: Path, head: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+        if not any(f".{head}." in key for key in f.keys()):
+            raise ArtifactError(f"The saved adapter in {directory} lacks the `{head}` head; the reward model would "
+                                "reload with a random head. Keep it in lora_modules_to_save.")
+
+
+def _text_len(value: Any, tokenizer) -> int:
+    text = value if isinstance(value, str) else " ".join(m["content"] for m in value)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def evaluate_pairs(reward: ClassifierReward, pairs, gold: bool = False) -> dict[str, float]:
+    """All reward metrics on prompt/chosen/rejected rows, scored by ``reward`` as it will be scored downstream."""
+    prompts, chosen, rejected = pairs["prompt"], pairs["chosen"], pairs["rejected"]
+    r_c, r_r = reward.raw_scores(prompts, chosen), reward.raw_scores(prompts, rejected)
+    lens_c = torch.tensor([_text_len(c, reward.tokenizer) for c in chosen])
+    lens_r = torch.tensor([_text_len(r, reward.tokenizer) for r in rejected])
+    gold_c = gold_r = None
+    if gold:
+        from rlhf_lm.task import gold_reward
+
+        gold_c = torch.tensor([gold_reward(p, c) for p, c in zip(prompts, chosen, strict=True)])
+        gold_r = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, rejected, strict=True)])
+    return preference_metrics(r_c, r_r, lens_c, lens_r, gold_c, gold_r)
+
+
+def _resume_path(cfg: RewardStageConfig, stage: Path) -> str | None:
+    resume = cfg.resume_from_checkpoint
+    if resume in (None, False, "", "false", "False"):
+        return None
+    if resume in (True, "true", "True"):
+        found = last_checkpoint(stage)
+        if found is None:
+            logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch.", stage)
+        return found
+    return str(resume)
+
+
+def run(cfg: RewardStageConfig) -> dict[str, float]:
+    from accelerate import PartialState
+    from transformers import set_seed
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    if not cfg.model_name_or_path:
+        raise ConfigError("Set model_name_or_path: the reward backbone (a causal LM / encoder directory or Hub id).")
+    state = PartialState()
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
+                               trust_remote_code=cfg.trust_remote_code, require_eos=True)
+    set_seed(cfg.seed)  # the fresh score head is random: seed it
+    with suppress_seqcls_warning():  # "score.weight newly initialised" is the point, not a problem
+        model = load_sequence_classifier(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                         allow_pickle_weights=cfg.allow_pickle_weights)
+    head = _head_name(model)
+
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if cfg.max_length is None or (limit and cfg.max_length > limit):
+        logger.info("max_length=%s exceeds what %s can read; using its max_position_embeddings=%s.",
+                    cfg.max_length, cfg.model_name_or_path, limit)
+        cfg.max_length = limit
+
+    train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed)
+    # RewardTrainer silently drops pairs over max_length; drop them here, counted, leaving room for the EOS it adds
+    # and the tokenizer's own special tokens.
+    room = cfg.max_length - 1 - tokenizer.num_special_tokens_to_add() if cfg.max_length else None
+    eval_report = DataReport(source=f"{report.source} (eval)", rows_in=len(eval_ds) if eval_ds is not None else 0)
+    if room:
+        train = filter_by_length(train, tokenizer, room, report)
+        if eval_ds is not None:
+            eval_ds = filter_by_length(eval_ds, tokenizer, room, eval_report)
+    logger.info(report.summary())
+
+    peft_config = lora_config_from_args(cfg, task_type="SEQ_CLS", modules_to_save=[head])
+    callbacks = []
+    if cfg.controller:
+        from rlhf_lm.controller import build_callback
+
+        callback = build_callback(cfg.controller, stage="reward")
+        callbacks += [callback] if callback is not None else []
+
+    final_dir = cfg.output_dir
+    staging = staged_output(final_dir) if state.is_main_process else nullcontext(partial_dir(final_dir))
+    with staging as stage:
+        cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
+        try:
+            trainer = RewardTrainer(model=model, args=cfg, train_dataset=train, eval_dataset=eval_ds,
+                                    processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+            for ds, prepared, rep in ((train, trainer.train_dataset, report), (eval_ds, trainer.eval_dataset,
+                                                                             eval_report)):
+                if ds is not None and len(prepared) < len(ds):  # tokenising prompt+response can differ by a token
+                    rep.drop(f"pair over max_length={cfg.max_length} after EOS", len(ds) - len(prepared))
+                    rep.rows_out = len(prepared)
+            trainable, total = count_parameters(trainer.model)
+            logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
+                        "LoRA + head" if peft_config else "full fine-tune")
+            result = trainer.train(resume_from_checkpoint=_resume_path(cfg, stage))
+        finally:
+            cfg.output_dir = final_dir
+
+        metrics: dict[str, float] = {"train/loss": result.training_loss,
+                                     "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
+                                     "train/trainable_params": float(trainable)}
+        if state.is_main_process:
+            metrics.update(_measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_report, head,
+                                             stage, peft_config is not None))
+        state.wait_for_everyone()
+    return metrics
+
+
+def _measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_report, head, stage: Path,
+                      is_peft: bool) -> dict[str, float]:
+    model = trainer.model
+    reward = ClassifierReward(model, tokenizer, batch_size=max(cfg.per_device_eval_batch_size, 32),
+                              device=trainer.args.device)
+    gold = cfg.gold_metrics if cfg.gold_metrics is not None else task_root(cfg.dataset_name) is not None
+    train_scores = torch.cat([reward.raw_scores(train["prompt"], train["chosen"]),
+                              reward.raw_scores(train["prompt"], train["rejected"])])
+    n = len(train)
+    metrics = {"reward/train_accuracy": (train_scores[:n] > train_scores[n:]).float().mean().item()}
+    if eval_ds is not None:
+        metrics.update(evaluate_pairs(reward, eval_ds, gold=gold))
+    reward_mean, reward_std = train_scores.mean().item(), train_scores.std(unbiased=False).item()
+    logger.info("Reward model: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+    if is_peft and cfg.merge_adapter:
+        model = model.merge_and_unload()
+    model.save_pretrained(stage, safe_serialization=True)
+    tokenizer.save_pretrained(stage)
+    if is_peft and not cfg.merge_adapter:
+        _check_head_saved(stage, head)
+    for checkpoint in stage.glob("checkpoint-*"):  # the finished artifact needs no resume state
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    config = cfg.to_dict()
+    config.pop("logging_dir", None)
+    write_json(stage / METRICS_FILE, {
+        "metrics": metrics, "reward_mean": reward_mean, "reward_std": reward_std,
+        "data": {"train": report.as_dict(), "eval": eval_report.as_dict()}, "config": config,
+    })
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(RewardStageConfig, argv)
+    metrics = run(cfg)
+    print(f"Reward model written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0
