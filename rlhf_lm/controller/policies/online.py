@@ -1,0 +1,63 @@
+"""Online probe-and-commit: when to probe, and which candidate to commit (the trainer-side loop is in callback.py).
+
+At a probe the controller snapshots adapter + optimizer, trains each candidate LR factor for ``probe_steps`` on the
+same batches, scores each on the same held-out batch, and keeps the best candidate's weights and optimizer state
+(its probe steps are real progress, not thrown away). Probes go to the earliest decisions, where a badly chosen
+starting LR costs the most, until the compute budget (in units of one run without the controller) is spent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class ProbePlanner:
+    candidates: list[float]
+    probe_steps: int
+    compute_budget: float
+    max_steps: int
+    interval: int
+    val_cost: float = 1.0  # one held-out evaluation, in units of one training step
+    probe_every: int | None = None
+    spent: float = 0.0  # extra compute so far, in training steps
+
+    def probe_cost(self) -> float:
+        # every candidate trains probe_steps and is scored once; the winner's steps count as progress, not extra
+        return (len(self.candidates) - 1) * self.probe_steps + len(self.candidates) * self.val_cost
+
+    def decision_cost(self) -> float:
+        return self.val_cost  # the held-out objective measured at every decision
+
+    def budget(self) -> float:
+        return (self.compute_budget - 1.0) * self.max_steps
+
+    def should_probe(self, decision_index: int) -> bool:
+        if self.probe_every and decision_index % self.probe_every:
+            return False
+        remaining_decisions = max(self.max_steps // self.interval - decision_index - 1, 0)
+        reserve = remaining_decisions * self.decision_cost()
+        return self.spent + self.probe_cost() + reserve <= self.budget()
+
+    def charge(self, steps: float) -> None:
+        self.spent += steps
+
+    def state_dict(self) -> dict:
+        return {"spent": self.spent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.spent = float(state["spent"])
+
+
+def choose_candidate(scores: dict[float, float], tolerance: float = 1e-3) -> float:
+    """The factor with the lowest held-out score; within ``tolerance`` (relative) of it, the one nearest 1.
+
+    Preferring no change on near-ties keeps noise in the validation batch from driving the LR on a random walk.
+    """
+    finite = {f: s for f, s in scores.items() if math.isfinite(s)}
+    if not finite:
+        return min(scores, key=lambda f: abs(math.log(f)))
+    best = min(finite.values())
+    near = [f for f, s in finite.items() if s <= best + abs(best) * tolerance]
+    return min(near, key=lambda f: abs(math.log(f)))

@@ -1,0 +1,99 @@
+"""The ``controller:`` section of a recipe, as a typed spec with the checks a user needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_lm.errors import ConfigError
+
+POLICIES = ("rules", "online", "learned")
+LAYER_GROUPS = ("lower", "middle", "upper")
+
+
+@dataclass
+class ControllerSpec:
+    """How the controller decides and what it may change. Keys of the recipe's ``controller:`` mapping."""
+
+    policy: str = field(default="rules", metadata={"help": "rules | online (probe-and-commit) | learned."})
+    interval: int = field(default=10, metadata={"help": "Optimizer steps between two decisions."})
+    control_lr: bool = field(default=True, metadata={"help": "Steer the learning rate (a multiplier on the schedule)."})
+    control_beta: bool = field(
+        default=False, metadata={"help": "Steer DPO beta / PPO KL coefficient (adaptive KL towards kl_target)."})
+    min_lr_multiplier: float = field(default=1e-3, metadata={"help": "Lowest total LR multiplier."})
+    max_lr_multiplier: float = field(default=1e3, metadata={"help": "Highest total LR multiplier."})
+    # rules
+    plateau_patience: int = field(default=2, metadata={"help": "Decisions without improvement before the LR drops."})
+    plateau_factor: float = field(default=0.5, metadata={"help": "LR factor applied on a plateau."})
+    plateau_threshold: float = field(
+        default=1e-3, metadata={"help": "Relative improvement of the objective that counts as progress."})
+    kl_target: float | None = field(
+        default=None, metadata={"help": "KL the adaptive rule steers towards (PPO/GRPO: logged KL). None = off."})
+    kl_horizon: float = field(default=10.0, metadata={"help": "Adaptive KL horizon, in decisions (Ziegler et al.)."})
+    layer_schedule: list[str] | None = field(
+        default=None,
+        metadata={"help": "Hierarchical fine-tuning: LoRA layer groups to train, one phase each, spread evenly "
+                          "over training, e.g. ['upper', 'upper+middle', 'all']. None = all layers throughout."})
+    divergence_factor: float = field(
+        default=1.5, metadata={"help": "Roll back when the objective exceeds this x the best seen (or is NaN)."})
+    # online probe-and-commit
+    candidates: list[float] = field(
+        default_factory=lambda: [0.1, 1.0, 10.0],
+        metadata={"help": "LR factors tried at each probe (relative to the current LR)."})
+    probe_steps: int = field(default=4, metadata={"help": "Optimizer steps each candidate trains during a probe."})
+    probe_every: int | None = field(
+        default=None, metadata={"help": "Probe at every n-th decision (None = as often as compute_budget allows)."})
+    compute_budget: float = field(
+        default=1.5, metadata={"help": "Online: most compute, in units of one run without the controller."})
+    val_batch_size: int = field(default=32, metadata={"help": "Held-out examples in the fixed validation batch."})
+    # learned
+    weights: str | None = field(default=None, metadata={"help": "Learned policy weights (.safetensors); None = shipped."})
+    seed: int = field(default=0, metadata={"help": "Seed of the probe batches and the validation batch."})
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ConfigError(f"controller.policy must be one of {', '.join(POLICIES)}, got '{self.policy}'.")
+        if self.interval < 1 or self.probe_steps < 1:
+            raise ConfigError("controller.interval and controller.probe_steps must be >= 1.")
+        if not 0 < self.min_lr_multiplier <= 1 <= self.max_lr_multiplier:
+            raise ConfigError("controller needs 0 < min_lr_multiplier <= 1 <= max_lr_multiplier.")
+        if not 0 < self.plateau_factor < 1:
+            raise ConfigError(f"controller.plateau_factor must be in (0, 1), got {self.plateau_factor}.")
+        if not self.candidates or any(c <= 0 for c in self.candidates):
+            raise ConfigError(f"controller.candidates must be positive LR factors, got {self.candidates}.")
+        if self.compute_budget < 1.0:
+            raise ConfigError(f"controller.compute_budget is in units of one run and must be >= 1, "
+                              f"got {self.compute_budget}.")
+        for phase in self.layer_schedule or []:
+            parse_layer_group(phase)
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any] | None) -> ControllerSpec:
+        spec = dict(spec or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in spec:
+            if key not in valid:
+                match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+                hint = f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(valid)}."
+                raise ConfigError(f"Unknown key '{key}' in the controller section.{hint}")
+        try:
+            return cls(**spec)
+        except TypeError as e:
+            raise ConfigError(f"Invalid controller section: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_layer_group(group: str) -> frozenset[str]:
+    """'upper+middle' -> {'upper', 'middle'}; 'all' -> every group."""
+    if group == "all":
+        return frozenset(LAYER_GROUPS)
+    parts = frozenset(p.strip() for p in group.split("+"))
+    bad = parts - set(LAYER_GROUPS)
+    if bad or not parts:
+        raise ConfigError(f"Unknown layer group '{group}': use lower, middle, upper, 'all', or joins like "
+                          "'upper+middle'.")
+    return parts
