@@ -115,6 +115,8 @@ class TrainingDefaults:
             import torch
 
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.report_to in (None, [None]):  # TrlParser turns the "none" default of `str | list[str]` into [None]
+            self.report_to = "none"
         _call_next_post_init(self, TrainingDefaults)
 
 
