@@ -1,0 +1,266 @@
+"""``rlhf-lm push RUN_DIR --repo_id you/name``: push a run to the Hugging Face Hub with a generated model card.
+
+A run directory is either one stage's output (an adapter or model, its tokenizer, metrics.json) or a pipeline run
+(``pipeline.json`` plus one folder per stage). The push uploads, in ONE commit, the policy adapters, the PPO value
+head, the reward model with its score head, tokenizers, metrics and samples - one sub-folder per stage for a
+pipeline - plus a README.md model card (base model, datasets, recipe, metrics, library versions, how to load).
+Trainer checkpoints, optimizer states and pickled training args stay local.
+
+The repository is private unless ``--public``. The token comes from ``HF_TOKEN`` or ``hf auth login`` (read by
+huggingface_hub); this module never prints or writes it. ``HF_ENDPOINT`` points the client at another Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_lm.artifacts import METRICS_FILE
+from rlhf_lm.errors import ArtifactError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_FILE = "pipeline.json"  # same name as rlhf_lm.pipeline.PIPELINE_FILE (not imported: keeps push light)
+# Training state that is large, machine-specific or pickled: never pushed.
+EXCLUDED_PARTS = re.compile(r"(^|/)(checkpoint-\d+|[^/]+\.partial|[^/]+\.old|runs|__pycache__)(/|$)")
+EXCLUDED_FILES = {"optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json", "scaler.pt"}
+LIBRARIES = ("rlhf-lm", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")
+
+
+# ------------------------------------------------------------------------------------------------- checks
+def check_repo_id(repo_id: str | None) -> str:
+    """A clear error for a malformed repo id (the Hub's own rules, via huggingface_hub's validator)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not repo_id:
+        raise ConfigError("No repo id: pass --repo_id you/model-name (or set hub_repo_id in the recipe).")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ConfigError(f"'{repo_id}' is not a valid Hub repo id: use 'name' or 'namespace/name' with letters, "
+                          f"digits, '-', '_' and '.' (max 96 characters). ({e})") from None
+    return repo_id
+
+
+def resolve_token(token: str | None = None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise ConfigError("No Hugging Face token found. Set the HF_TOKEN environment variable or run "
+                          "`hf auth login` (a token with write access), then push again.")
+    return token
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def stage_dirs(run_dir: Path) -> dict[str, Path]:
+    """Stage name -> folder for a pipeline run (every sub-folder with metrics.json); {"": run_dir} for one stage."""
+    if (run_dir / METRICS_FILE).is_file():
+        return {"": run_dir}
+    found = {p.name: p for p in sorted(run_dir.iterdir()) if p.is_dir() and (p / METRICS_FILE).is_file()}
+    if not found:
+        raise ArtifactError(f"{run_dir} is not a finished run: expected {METRICS_FILE} (one stage's output) or "
+                            f"sub-folders with {METRICS_FILE} (a pipeline run). Did the run finish?")
+    return found
+
+
+def files_to_push(run_dir: Path) -> list[tuple[Path, str]]:
+    """(local file, path in repo) for every file worth publishing."""
+    out = []
+    for prefix, folder in stage_dirs(run_dir).items():
+        for path in sorted(folder.rglob("*")):
+            rel = path.relative_to(folder).as_posix()
+            if not path.is_file() or EXCLUDED_PARTS.search(rel) or path.name in EXCLUDED_FILES:
+                continue
+            if path.name.endswith(".tmp") or path.name == "README.md":
+                continue
+            out.append((path, f"{prefix}/{rel}" if prefix else rel))
+    if (run_dir / PIPELINE_FILE).is_file():
+        out.append((run_dir / PIPELINE_FILE, PIPELINE_FILE))
+    for extra in ("summary.json", "training_curves.png"):
+        if (run_dir / extra).is_file():
+            out.append((run_dir / extra, extra))
+    return out
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _looks_like_hub_id(value: Any) -> bool:
+    return isinstance(value, str) and not os.path.exists(value) and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value))
+
+
+def _portable(value: Any, run_dir: Path) -> Any:
+    """Config values with the local run path replaced by '.', so the card shows no machine-specific paths."""
+    if isinstance(value, dict):
+        return {k: _portable(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, run_dir) for v in value]
+    if isinstance(value, str):
+        for root in {str(run_dir.resolve()), str(run_dir)}:
+            if value.startswith(root):
+                return "." + value[len(root):]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- model card
+def _describe(folder: Path) -> str:
+    if (folder / "adapter_config.json").is_file():
+        task_type = _read(folder / "adapter_config.json").get("task_type")
+        kind = "reward model (LoRA adapter + score head)" if task_type == "SEQ_CLS" else "policy (LoRA adapter)"
+    elif (folder / "config.json").is_file():
+        kind = "model (full weights)"
+    elif (folder / "base_policy").is_dir():
+        kind = "built-in task: data + base policy"
+    else:
+        kind = "metrics"
+    if any(folder.glob("value_head*")):
+        kind += " + value head"
+    return kind
+
+
+def _load_snippet(repo_id: str, stages: dict[str, Path], base: str) -> str:
+    lines = ["```python", "from huggingface_hub import snapshot_download",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer", "from peft import PeftModel", "",
+             f'local = snapshot_download("{repo_id}")  # add token=... for a private repo']
+    for prefix, folder in stages.items():
+        sub = f'local + "/{prefix}"' if prefix else "local"
+        config = _read(folder / "adapter_config.json")
+        if config.get("task_type") == "CAUSAL_LM":
+            lines += ["", f"# {prefix or 'policy'}: the LoRA policy adapter on its base model",
+                      f"base = AutoModelForCausalLM.from_pretrained({base})",
+                      f"policy = PeftModel.from_pretrained(base, {sub})",
+                      f"tokenizer = AutoTokenizer.from_pretrained({sub})"]
+        elif config.get("task_type") == "SEQ_CLS":
+            lines += ["", f"# {prefix or 'reward'}: the reward model (base + adapter + score head), scoring text",
+                      "from rlhf_lm.reward_model import ClassifierReward",
+                      f"reward = ClassifierReward.from_pretrained({sub})",
+                      'scores = reward(["Describe the cat.\\n"], ["the cat is happy ."])']
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def model_card(run_dir: Path, repo_id: str) -> str:
+    """The README.md for the pushed repo: YAML metadata for the Hub, then what was trained and how to use it."""
+    from huggingface_hub import ModelCardData
+
+    stages = stage_dirs(run_dir)
+    metrics = {prefix: _read(folder / METRICS_FILE) for prefix, folder in stages.items()}
+    configs = {prefix: m.get("config", {}) for prefix, m in metrics.items()}
+    bases = {c.get("model_name_or_path") for c in configs.values() if c.get("model_name_or_path")}
+    datasets = sorted({c.get("dataset_name") for c in configs.values() if c.get("dataset_name")})
+    hub_bases = sorted(b for b in bases if _looks_like_hub_id(b))
+    plan = _read(run_dir / PIPELINE_FILE).get("stage_plan", [])
+    kinds = {p["kind"] for p in plan} | set(stages)
+    tags = ["rlhf-lm", "rlhf", "trl", "peft", "lora"] + sorted(kinds & {"reward", "dpo", "ppo", "grpo", "rloo"})
+    card_data = ModelCardData(library_name="peft", tags=tags, base_model=hub_bases or None,
+                              datasets=[d for d in datasets if _looks_like_hub_id(d)] or None)
+    base_text = ", ".join(f"`{_portable(b, run_dir)}`" for b in sorted(bases)) or "see the recipe below"
+    base_arg = f'"{hub_bases[0]}"' if hub_bases else 'local + "/task/base_policy"' if "task" in stages else '"<base>"'
+
+    rows = ["| stage | contents | key metrics |", "|---|---|---|"]
+    for prefix, folder in stages.items():
+        shown = {k: v for k, v in metrics[prefix].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        top = ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8])
+        rows.append(f"| `{prefix or '.'}` | {_describe(folder)} | {top} |")
+    summary = _read(run_dir / "summary.json")
+    recipe = {p["name"]: {"stage": p["kind"], **p["values"]} for p in plan} or configs
+    versions = _library_versions()
+    parts = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        "Preference fine-tuning run made with [rlhf-lm](https://github.com/) (reward model, DPO / PPO with LoRA "
+        "on TRL).",
+        "",
+        f"- **Base model:** {base_text}",
+        f"- **Datasets:** {', '.join(f'`{_portable(d, run_dir)}`' for d in datasets) or 'see the recipe'}",
+        "",
+        "## What is in this repository",
+        "",
+        *rows,
+        "",
+    ]
+    if summary:
+        parts += ["## Summary", "", "```json", json.dumps(summary, indent=2, sort_keys=True), "```", ""]
+    parts += ["## How to load", "", _load_snippet(repo_id, stages, base_arg), "",
+              "## Recipe", "", "The resolved configuration of each stage:", "", "```yaml",
+              yaml.safe_dump(_portable(recipe, run_dir), sort_keys=False, default_flow_style=False).rstrip(),
+              "```", "", "## Library versions", "", *[f"- {k}: {v}" for k, v in versions.items()], ""]
+    return f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------------ push
+def push_run(run_dir: str | Path, repo_id: str, *, private: bool = True, token: str | None = None,
+             commit_message: str | None = None) -> str | None:
+    """Create the repo (private by default, kept if it exists) and upload the run in one commit; returns its URL.
+
+    Under Accelerate only the main process pushes (the others return None).
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ArtifactError(f"Run directory not found: {run_dir}.")
+    check_repo_id(repo_id)
+    files = files_to_push(run_dir)
+    token = resolve_token(token)
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    card = model_card(run_dir, repo_id).encode()
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for path, rel in files]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.create_commit(repo_url.repo_id, operations=operations,
+                                   commit_message=commit_message or f"Upload {run_dir.name} with rlhf-lm")
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        hint = {401: " The token was rejected: check HF_TOKEN / `hf auth login`.",
+                403: f" The token cannot write to '{repo_id}': check its permissions and the namespace."}
+        raise ConfigError(f"Push to '{repo_id}' failed: {e}.{hint.get(status, '')}") from None
+    logger.info("Pushed %d files from %s to %s", len(operations), run_dir, commit.commit_url)
+    return str(repo_url)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="rlhf-lm push", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="A stage output directory or a pipeline run directory.")
+    parser.add_argument("--repo_id", "--repo-id", required=True, help="Target repo: 'namespace/name' or 'name'.")
+    visibility = parser.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True,
+                            help="Create the repo as private (default).")
+    visibility.add_argument("--public", dest="private", action="store_false", help="Create the repo as public.")
+    parser.add_argument("--commit_message", "--commit-message", default=None, help="Commit message.")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    url = push_run(args.run_dir, args.repo_id, private=args.private, commit_message=args.commit_message)
+    if url:
+        print(f"Pushed {args.run_dir} to {url} ({'private' if args.private else 'public'})")
+    return 0
