@@ -1,0 +1,451 @@
+"""Stage ``dpo``: Direct Preference Optimization with TRL's DPOTrainer (LoRA by default).
+
+    rlhf-lm dpo --config recipes/builtin/dpo.yaml
+    accelerate launch -m rlhf_lm dpo --config recipes/builtin/dpo.yaml --output_dir runs/dpo
+
+The reference policy is never a second copy of the model when LoRA is on:
+
+* a fresh LoRA adapter: the reference is the same model with its adapters switched off (the base);
+* ``sft_adapter_path``: the SFT adapter is loaded and trained on, and TRL keeps a frozen copy of it named ``"ref"``
+  as the reference - so the reference is the SFT policy, not the bare base it was trained from;
+* a full fine-tune (``use_peft: false``): an explicit reference model, ``ref_model_name_or_path`` (default: the
+  starting model), unless ``precompute_ref_log_probs`` computes its log-probs once before training.
+
+Pairs are tokenized once, in batches over whole columns, before TRL sees them (see :func:`tokenize_pairs`); the
+lengths that come out of it decide, visibly and counted, which pairs are dropped or truncated at ``max_length``.
+At the end the policy is evaluated against its reference: TRL's implicit-reward accuracy and margin on the held-out
+pairs, and - on held-out prompts - win-rate, reward, KL and samples (:mod:`rlhf_lm.evaluation`).
+
+The output directory holds the adapter (or the full model), the tokenizer, ``samples.jsonl`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import trl
+from datasets import Dataset
+
+from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.configs import (
+    ControllerArguments,
+    DataArguments,
+    ModelArguments,
+    TrainingDefaults,
+    _call_next_post_init,
+    parse_config,
+)
+from rlhf_lm.data import DataReport, load_preference_data, load_rows, normalize_preferences
+from rlhf_lm.errors import ArtifactError, ConfigError, DataError
+from rlhf_lm.modeling import count_parameters, load_causal_lm, load_tokenizer, lora_config_from_args
+
+logger = logging.getLogger(__name__)
+
+# The loss types of TRL 1.16's DPOTrainer (checked against its DPOConfig help in the tests).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+@dataclass
+class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, trl.DPOConfig):
+    """DPO: model + LoRA, preference data, TRL's DPOConfig (beta, loss_type, max_length, ...) and the final eval."""
+
+    output_dir: str = field(default="runs/dpo", metadata={"help": "Where the DPO policy artifact is written."})
+    learning_rate: float = field(
+        default=5e-6,
+        metadata={"help": "Peak AdamW learning rate. 5e-6 is the alignment-handbook's LoRA DPO value (TRL's 1e-6 "
+                          "is for full fine-tunes)."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Reference model for a full fine-tune (use_peft: false). Default: the starting model. "
+                          "With LoRA the reference is the adapter-free model and this is not needed."},
+    )
+    sft_adapter_path: str | None = field(
+        default=None,
+        metadata={"help": "A LoRA adapter (e.g. from SFT) on model_name_or_path to start from. It is trained on, "
+                          "and a frozen copy of it - the SFT policy, not the bare base - is the reference."},
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Held-out preference pairs in their own file or dataset (e.g. the task's "
+                          "pairs_eval.jsonl). Default: dataset_eval_split, else eval_fraction of the training data."},
+    )
+    length_mode: str = field(
+        default="drop",
+        metadata={"help": "Pairs longer than max_length: 'drop' them or 'truncate' the completions (keep_start). "
+                          "Either way they are counted in metrics.json; a prompt that alone fills max_length is "
+                          "always dropped."},
+    )
+    eval_prompts: str | None = field(
+        default=None,
+        metadata={"help": "Held-out prompts to sample policy and reference on after training (a prompt file or "
+                          "dataset). Default: the built-in task's prompts_eval.jsonl when the data comes from a task "
+                          "dir, else none (no generation eval)."},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Judge of the policy-vs-reference win-rate: 'gold', a reward-stage dir, 'pkg.mod:Name' or "
+                          "'file.py:Name'. Unset: no reward-judged win-rate (gold still reported on the task)."},
+    )
+    eval_gold: bool | None = field(
+        default=None,
+        metadata={"help": "Report the built-in task's gold reward and gold-judged win-rate (evaluation only). "
+                          "Default: on when the data comes from a `rlhf-lm task` dir."},
+    )
+    eval_num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N eval prompts."})
+    eval_max_new_tokens: int = field(default=48, metadata={"help": "Tokens to sample per eval completion."})
+    eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the eval (0 = greedy)."})
+
+    def __post_init__(self) -> None:
+        if self.report_to in (None, [None]):  # HfArgumentParser turns the `str | list[str]` default into [None]
+            self.report_to = "none"
+        check_dpo_args(self)
+        _call_next_post_init(self, DPOStageConfig)
+
+
+CONFIG = DPOStageConfig
+
+
+def check_dpo_args(cfg: DPOStageConfig) -> None:
+    """The mistakes TRL would report late, deep in a stack trace, or not at all."""
+    if isinstance(cfg.loss_type, str):
+        cfg.loss_type = [t.strip() for t in cfg.loss_type.split(",") if t.strip()]
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta must be > 0 (it scales the implicit reward; the DPO paper uses 0.1), got {cfg.beta}.")
+    if not cfg.loss_type:
+        raise ConfigError(f"loss_type is empty; choose from {', '.join(LOSS_TYPES)}.")
+    for loss in cfg.loss_type:
+        if loss not in LOSS_TYPES:
+            close = difflib.get_close_matches(loss, LOSS_TYPES, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"Unknown loss_type '{loss}'.{hint} Choose from {', '.join(LOSS_TYPES)}.")
+    if cfg.loss_weights is not None:
+        if len(cfg.loss_weights) != len(cfg.loss_type):
+            raise ConfigError(f"loss_weights has {len(cfg.loss_weights)} entries for {len(cfg.loss_type)} loss types "
+                              f"{cfg.loss_type}; give one weight per loss type.")
+        if any(w < 0 for w in cfg.loss_weights):
+            raise ConfigError(f"loss_weights must be >= 0, got {cfg.loss_weights}.")
+    if "exo_pair" in cfg.loss_type and cfg.label_smoothing <= 0:
+        raise ConfigError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3).")
+    if "robust" in cfg.loss_type and not 0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"loss_type 'robust' needs label_smoothing in [0, 0.5) (the flip rate), got "
+                          f"{cfg.label_smoothing}.")
+    if cfg.length_mode not in ("drop", "truncate"):
+        raise ConfigError(f"length_mode must be 'drop' or 'truncate', got '{cfg.length_mode}'.")
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise ConfigError(f"max_length must be at least 2 tokens (or null for no limit), got {cfg.max_length}.")
+    if cfg.sft_adapter_path and not cfg.use_peft:
+        raise ConfigError("sft_adapter_path needs use_peft: true (the SFT adapter is what DPO trains on).")
+    if cfg.sft_adapter_path and cfg.ref_model_name_or_path:
+        raise ConfigError("Set either sft_adapter_path (reference = the SFT adapter) or ref_model_name_or_path, "
+                          "not both.")
+    if cfg.sync_ref_model and cfg.use_peft:
+        raise ConfigError("sync_ref_model (TR-DPO) needs a separate reference model: set use_peft: false.")
+    if cfg.eval_num_prompts is not None and cfg.eval_num_prompts <= 0:
+        raise ConfigError(f"eval_num_prompts must be positive, got {cfg.eval_num_prompts}.")
+
+
+# ------------------------------------------------------------------------------------------------ tokenization
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _tokenize_batch(batch: dict[str, list], tokenizer) -> dict[str, list]:
+    """TRL's DPO tokenization of a batch, with one tokenizer call per column instead of three per row."""
+    prompts, chosen, rejected = batch["prompt"], batch["chosen"], batch["rejected"]
+    if isinstance(prompts[0], str):
+        eos = tokenizer.eos_token
+        chosen = [c if c.endswith(eos) else c + eos for c in chosen]
+        rejected = [r if r.endswith(eos) else r + eos for r in rejected]
+        prompt_ids = tokenizer(prompts)["input_ids"]
+        chosen_full = tokenizer([p + c for p, c in zip(prompts, chosen, strict=True)])["input_ids"]
+        rejected_full = tokenizer([p + r for p, r in zip(prompts, rejected, strict=True)])["input_ids"]
+    else:  # conversational: render with the chat template (which carries its own special tokens), then tokenize
+        render = tokenizer.apply_chat_template
+        prompt_text = render(prompts, tokenize=False, add_generation_prompt=True)
+        chosen_text = render([p + c for p, c in zip(prompts, chosen, strict=True)], tokenize=False)
+        rejected_text = render([p + r for p, r in zip(prompts, rejected, strict=True)], tokenize=False)
+        prompt_ids, chosen_full, rejected_full = (tokenizer(t, add_special_tokens=False)["input_ids"]
+                                                  for t in (prompt_text, chosen_text, rejected_text))
+    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for p, c, r in zip(prompt_ids, chosen_full, rejected_full, strict=True):
+        # As TRL does: the completion starts where prompt and prompt+completion tokenizations diverge.
+        n = min(_common_prefix(p, c), _common_prefix(p, r))
+        out["prompt_ids"].append(p[:n])
+        out["chosen_ids"].append(c[n:])
+        out["rejected_ids"].append(r[n:])
+    return out
+
+
+def tokenize_pairs(ds: Dataset, tokenizer, num_proc: int | None = None, batch_size: int = 1000) -> Dataset:
+    """Add ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` exactly as TRL's DPOTrainer would compute them.
+
+    TRL maps three single-row tokenizer calls (plus an EOS pass) over the data; here each batch goes through the
+    fast tokenizer once per column, which is where the preprocessing speed-up comes from. ``datasets`` caches the
+    result by fingerprint when the data is backed by a cache file (Hub or disk datasets).
+    """
+    if len(ds) == 0:
+        return ds.add_column("prompt_ids", []).add_column("chosen_ids", []).add_column("rejected_ids", [])
+    return ds.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
+                  fn_kwargs={"tokenizer": tokenizer}, desc="Tokenizing pairs")
+
+
+def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: DataReport) -> Dataset:
+    """Drop, or count for truncation, tokenized pairs longer than ``max_length``; every one is counted in ``report``.
+
+    A prompt that alone fills ``max_length`` leaves no completion token to learn from and is always dropped (TRL
+    would drop it silently). Otherwise ``mode="truncate"`` keeps over-long pairs for TRL's collator to cut from the
+    end (``keep_start``) and ``mode="drop"`` removes them.
+    """
+    if max_length is None or len(ds) == 0:
+        report.rows_out = len(ds)
+        return ds
+    prompt_len = [len(p) for p in ds["prompt_ids"]]
+    pair_len = [n + max(len(c), len(r)) for n, c, r in zip(prompt_len, ds["chosen_ids"], ds["rejected_ids"],
+                                                            strict=True)]
+    keep = []
+    for i, (p, n) in enumerate(zip(prompt_len, pair_len, strict=True)):
+        if p >= max_length:
+            report.drop(f"prompt alone has >= max_length={max_length} tokens")
+        elif n > max_length and mode == "drop":
+            report.drop(f"pair over max_length={max_length}")
+        else:
+            if n > max_length:
+                report.truncated[f"completion cut at max_length={max_length}"] += 1
+            keep.append(i)
+    report.rows_out = len(keep)
+    return ds if len(keep) == len(ds) else ds.select(keep)
+
+
+class DPOTrainer(trl.DPOTrainer):
+    """TRL's DPOTrainer, taking data already tokenized by :func:`tokenize_pairs` as it is.
+
+    TRL 1.16 re-runs its per-row tokenization on every dataset it is given; this skips that work when the token
+    columns are already there (and still tokenizes anything else the usual way).
+    """
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if isinstance(dataset, Dataset) and set(TOKEN_COLUMNS) <= set(dataset.column_names):
+            return dataset
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def task_root(path: str | None) -> Path | None:
+    """The built-in task directory the data comes from (it holds task.json), or None."""
+    if not path:
+        return None
+    p = Path(path)
+    for candidate in (p, p.parent, p.parent.parent):
+        if (candidate / "task.json").is_file():
+            return candidate
+    return None
+
+
+def load_pairs(cfg: DPOStageConfig) -> tuple[Dataset, Dataset | None, DataReport, DataReport]:
+    """Train / held-out pairs from the config, each with its report."""
+    if cfg.eval_dataset_name:  # the held-out pairs live elsewhere: train on all of dataset_name
+        keys = ("dataset_name", "dataset_config", "dataset_train_split", "data_format", "prompt_column",
+                "chosen_column", "rejected_column", "max_train_samples", "max_eval_samples")
+        train_args = SimpleNamespace(**{k: getattr(cfg, k) for k in keys}, dataset_eval_split=None, eval_fraction=0.0)
+        train, _, report = load_preference_data(train_args, seed=cfg.seed)
+    else:
+        train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed)
+    if cfg.eval_dataset_name:
+        rows = load_rows(cfg.eval_dataset_name, cfg.dataset_eval_split or "train", cfg.dataset_config)
+        eval_ds, eval_report = normalize_preferences(rows, cfg.data_format, cfg.prompt_column, cfg.chosen_column,
+                                                     cfg.rejected_column, cfg.seed)
+        if cfg.max_eval_samples:
+            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
+    else:
+        eval_report = DataReport(source=f"{report.source} (eval)", rows_in=len(eval_ds) if eval_ds is not None else 0)
+    if eval_ds is not None and len(eval_ds) == 0:
+        raise DataError(f"The eval split of {eval_report.source} is empty. Give held-out pairs (eval_dataset_name or "
+                        "dataset_eval_split), or set eval_fraction: 0 to train without one.")
+    return train, eval_ds, report, eval_report
+
+
+def prepare_pairs(ds: Dataset, tokenizer, cfg: DPOStageConfig, report: DataReport, split: str) -> Dataset:
+    """Tokenize and length-limit one split, keeping only the token columns TRL trains on."""
+    tokenized = tokenize_pairs(ds, tokenizer, num_proc=cfg.dataset_num_proc)
+    tokenized = apply_length_limit(tokenized, cfg.max_length, cfg.length_mode, report)
+    if len(tokenized) == 0:
+        raise DataError(f"No {split} pairs left after the length limit ({report.summary()}). Raise max_length or "
+                        "shorten the prompts.")
+    return tokenized.select_columns(list(TOKEN_COLUMNS))
+
+
+def load_eval_prompts(cfg: DPOStageConfig) -> list[Any]:
+    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else none."""
+    source = cfg.eval_prompts
+    if source is None and (root := task_root(cfg.dataset_name)) is not None:
+        source = str(root / "data" / "prompts_eval.jsonl")
+    if source is None:
+        return []
+    from rlhf_lm.data import normalize_prompts
+
+    prompts, _ = normalize_prompts(load_rows(source, "train"), cfg.prompt_column)
+    prompts = prompts["prompt"]
+    return prompts[: cfg.eval_num_prompts] if cfg.eval_num_prompts else prompts
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def load_policy(cfg: DPOStageConfig):
+    """(policy, ref_model, peft_config) as DPOTrainer wants them for LoRA, LoRA-on-SFT, or a full fine-tune."""
+    kwargs = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                  allow_pickle_weights=cfg.allow_pickle_weights)
+    policy = load_causal_lm(cfg.model_name_or_path, **kwargs)
+    if cfg.sft_adapter_path:
+        from peft import PeftModel
+
+        if not (Path(cfg.sft_adapter_path) / "adapter_config.json").is_file():
+            raise ArtifactError(f"sft_adapter_path {cfg.sft_adapter_path} holds no adapter_config.json; point it at "
+                                "a saved LoRA adapter (an SFT stage's output).")
+        # No peft_config: DPOTrainer then trains this adapter and keeps a frozen copy ("ref") as the reference.
+        return PeftModel.from_pretrained(policy, cfg.sft_adapter_path, is_trainable=True), None, None
+    if cfg.use_peft:
+        return policy, None, lora_config_from_args(cfg)
+    if cfg.precompute_ref_log_probs and not cfg.ref_model_name_or_path:
+        return policy, None, None  # TRL scores the reference with the untouched policy before the first step
+    return policy, load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, **kwargs), None
+
+
+def _resume_path(cfg: DPOStageConfig, stage: Path) -> str | None:
+    resume = cfg.resume_from_checkpoint
+    if resume in (None, False, "", "false", "False"):
+        return None
+    if resume in (True, "true", "True"):
+        found = last_checkpoint(stage)
+        if found is None:
+            logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch.", stage)
+        return found
+    return str(resume)
+
+
+# ------------------------------------------------------------------------------------------------------- run
+def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
+    """Load data and model and build the DPOTrainer; returns (trainer, tokenizer, data reports, eval text pairs)."""
+    if not cfg.model_name_or_path:
+        raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
+                               trust_remote_code=cfg.trust_remote_code, require_eos=True)
+    train, eval_ds, report, eval_report = load_pairs(cfg)
+    train_tok = prepare_pairs(train, tokenizer, cfg, report, "training")
+    eval_tok = prepare_pairs(eval_ds, tokenizer, cfg, eval_report, "eval") if eval_ds is not None else None
+    logger.info(report.summary())
+    if eval_ds is not None:
+        logger.info(eval_report.summary())
+    if eval_tok is None and cfg.eval_strategy != "no":
+        raise ConfigError(f"eval_strategy={cfg.eval_strategy} needs held-out pairs; there are none.")
+
+    policy, ref_model, peft_config = load_policy(cfg)
+    callbacks = list(callbacks or [])
+    if cfg.controller:
+        from rlhf_lm.controller import build_callback
+
+        callback = build_callback(cfg.controller, stage="dpo")
+        callbacks += [callback] if callback is not None else []
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    return trainer, tokenizer, (report, eval_report)
+
+
+def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
+    """Train, evaluate against the reference, and write the artifact to ``cfg.output_dir``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    final_dir = cfg.output_dir
+    staging = staged_output(final_dir) if state.is_main_process else nullcontext(partial_dir(final_dir))
+    with staging as stage:
+        cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
+        try:
+            trainer, tokenizer, (report, eval_report) = build_trainer(cfg, callbacks)
+            trainable, total = count_parameters(trainer.model)
+            logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
+                        "LoRA" if cfg.use_peft else "full fine-tune")
+            result = trainer.train(resume_from_checkpoint=_resume_path(cfg, stage))
+        finally:
+            cfg.output_dir = final_dir
+        metrics: dict[str, float] = {"train/loss": result.training_loss,
+                                     "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
+                                     "train/steps": float(trainer.state.global_step),
+                                     "train/trainable_params": float(trainable)}
+        if trainer.eval_dataset is not None:
+            from rlhf_lm.evaluation import preference_accuracy
+
+            metrics.update(preference_accuracy(trainer))  # collective under DDP: every rank takes part
+        if state.is_main_process:
+            metrics.update(evaluate_against_reference(cfg, trainer, tokenizer, stage))
+            save_artifact(cfg, trainer, tokenizer, stage, metrics, report, eval_report)
+        state.wait_for_everyone()
+    return metrics
+
+
+def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> dict[str, float]:
+    """Sample the policy and its reference on held-out prompts (win-rate, reward, KL, gold) into samples.jsonl."""
+    from rlhf_lm.evaluation import evaluate_policy
+
+    prompts = load_eval_prompts(cfg)
+    if not prompts:
+        return {}
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    reference = None
+    if not cfg.use_peft:  # a full fine-tune needs its reference model back (it may have been freed or never loaded)
+        reference = trainer.ref_model or load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path,
+                                                         dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                                                         allow_pickle_weights=cfg.allow_pickle_weights)
+        reference = trainer.accelerator.unwrap_model(reference).to(trainer.args.device)
+    reward = None
+    if cfg.reward_model:
+        from rlhf_lm.rewards import load_reward
+
+        reward = load_reward(cfg.reward_model)
+    gold = cfg.eval_gold if cfg.eval_gold is not None else task_root(cfg.dataset_name) is not None
+    metrics = evaluate_policy(policy, tokenizer, prompts, reward, reference=reference, gold=gold,
+                              samples_path=stage / "samples.jsonl", max_new_tokens=cfg.eval_max_new_tokens,
+                              temperature=cfg.eval_temperature, seed=cfg.seed,
+                              batch_size=max(cfg.per_device_eval_batch_size, 64))
+    logger.info("DPO policy vs reference: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics
+
+
+def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path, metrics: dict[str, float],
+                  report: DataReport, eval_report: DataReport) -> None:
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if cfg.use_peft:
+        model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True)  # not TRL's "ref" copy
+    else:
+        trainer.save_model(str(stage))
+    tokenizer.save_pretrained(stage)
+    for checkpoint in stage.glob("checkpoint-*"):  # the finished artifact needs no resume state
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    config = cfg.to_dict()
+    config.pop("logging_dir", None)
+    reference = ("sft_adapter" if cfg.sft_adapter_path else "base (adapters off)" if cfg.use_peft
+                 else "ref_model")
+    write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference,
+                                      "data": {"train": report.as_dict(), "eval": eval_report.as_dict()},
+                                      "config": json.loads(json.dumps(config, default=str))})
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(DPOStageConfig, argv)
+    metrics = run(cfg)
+    print(f"DPO policy written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return 0

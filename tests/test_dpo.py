@@ -1,0 +1,263 @@
+"""The DPO stage: config checks, tokenization parity with TRL, length accounting, LoRA / SFT-adapter references,
+resume, and learning on the built-in task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from rlhf_lm.configs import config_from_dict, parse_config
+from rlhf_lm.data import DataReport
+from rlhf_lm.errors import ArtifactError, ConfigError, DataError
+from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+from rlhf_lm.stages.dpo import (
+    LOSS_TYPES,
+    DPOStageConfig,
+    apply_length_limit,
+    build_trainer,
+    run,
+    tokenize_pairs,
+)
+
+
+def tiny_cfg(task: Path, out: Path, **overrides) -> DPOStageConfig:
+    """A few-step DPO run on the tiny task: the mechanics, not the quality."""
+    values = dict(model_name_or_path=str(task / "base_policy"), dataset_name=str(task / "data" / "pairs_train.jsonl"),
+                  eval_dataset_name=str(task / "data" / "pairs_eval.jsonl"), output_dir=str(out), use_cpu=True,
+                  max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=1e-2,
+                  max_length=96, save_strategy="no", logging_steps=1, disable_tqdm=True, eval_num_prompts=8,
+                  eval_max_new_tokens=12, lora_r=4, lora_alpha=8, seed=0)
+    values.update(overrides)
+    return config_from_dict(DPOStageConfig, values)
+
+
+def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "adapter_model.safetensors"))
+
+
+# ------------------------------------------------------------------------------------------------ bad config
+@pytest.mark.parametrize("overrides, match", [
+    ({"beta": 0.0}, "beta must be > 0"),
+    ({"beta": -0.1}, "beta must be > 0"),
+    ({"loss_type": ["sigmod"]}, "Unknown loss_type 'sigmod'. Did you mean 'sigmoid'"),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "one weight per loss type"),
+    ({"loss_type": ["exo_pair"]}, "label_smoothing > 0"),
+    ({"length_mode": "cut"}, "length_mode"),
+    ({"use_peft": False, "sft_adapter_path": "x"}, "sft_adapter_path needs use_peft"),
+    ({"sft_adapter_path": "x", "ref_model_name_or_path": "y"}, "not both"),
+])
+def test_bad_config_is_a_clear_config_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(DPOStageConfig, {"output_dir": "x", **overrides})
+
+
+def test_cli_flags_parse_and_are_checked():
+    cfg = parse_config(DPOStageConfig, ["--loss_type", "sigmoid", "sft", "--loss_weights", "1.0", "0.5",
+                                        "--beta", "0.2"])
+    assert cfg.loss_type == ["sigmoid", "sft"] and cfg.loss_weights == [1.0, 0.5] and cfg.beta == 0.2
+    assert cfg.use_peft and not cfg.gradient_checkpointing and cfg.lora_dropout == 0.0
+    with pytest.raises(ConfigError, match="beta"):
+        parse_config(DPOStageConfig, ["--beta", "0"])
+    with pytest.raises(ConfigError, match="Did you mean 'beta'"):
+        parse_config(DPOStageConfig, ["--betta", "0.1"])
+
+
+def test_loss_types_are_trls():
+    import dataclasses
+
+    import trl
+
+    help_text = next(f for f in dataclasses.fields(trl.DPOConfig) if f.name == "loss_type").metadata["help"]
+    assert {t for t in LOSS_TYPES} == {t for t in LOSS_TYPES if f"'{t}'" in help_text}
+    assert help_text.count("`'") == len(LOSS_TYPES)
+
+
+# ------------------------------------------------------------------------------------------------ tokenization
+def _trl_tokenized(ds: Dataset, tokenizer, max_length=None) -> Dataset:
+    import trl
+
+    fake_trainer = SimpleNamespace(_tokenizer=tokenizer)
+    args = SimpleNamespace(dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start")
+    return trl.DPOTrainer._prepare_dataset(fake_trainer, ds, tokenizer, args, "train")
+
+
+def test_tokenize_pairs_matches_trl_for_text_and_chat(tiny_task_dir):
+    tok = load_tokenizer(str(tiny_task_dir / "base_policy"))
+    rows = [json.loads(line) for line in (tiny_task_dir / "data" / "pairs_train.jsonl").read_text().splitlines()]
+    text = Dataset.from_list(rows[:40])
+    ours, theirs = tokenize_pairs(text, tok), _trl_tokenized(text, tok)
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[col] == theirs[col]
+    assert ours["chosen_ids"][0][-1] == tok.eos_token_id
+    chat = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"].strip()}],
+                               "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                               "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows[:20]])
+    ours, theirs = tokenize_pairs(chat, tok), _trl_tokenized(chat, tok)
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[col] == theirs[col]
+
+
+def test_length_limit_counts_every_drop_and_truncation():
+    ds = Dataset.from_dict({"prompt_ids": [[1] * 3, [1] * 8, [1] * 3, [1] * 10],
+                            "chosen_ids": [[2] * 2, [2] * 1, [2] * 9, [2] * 1],
+                            "rejected_ids": [[3] * 4, [3] * 1, [3] * 1, [3] * 1]})
+    report = DataReport(source="pairs", rows_in=4)
+    kept = apply_length_limit(ds, 8, "drop", report)
+    assert [len(p) for p in kept["prompt_ids"]] == [3]
+    assert report.dropped == {"prompt alone has >= max_length=8 tokens": 2, "pair over max_length=8": 1}
+    report = DataReport(source="pairs", rows_in=4)
+    kept = apply_length_limit(ds, 8, "truncate", report)
+    assert len(kept) == 2 and report.truncated == {"completion cut at max_length=8": 1}
+    assert report.rows_out == 2
+
+
+def test_long_prompts_are_dropped_and_counted_and_all_too_long_is_an_error(tiny_task_dir, tmp_path):
+    rows = [json.loads(line) for line in (tiny_task_dir / "data" / "pairs_train.jsonl").read_text().splitlines()]
+    rows = rows[:24]
+    for r in rows[:5]:
+        r["prompt"] = "Tell me about the cat and the dog. " * 20 + "\n"
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = tiny_cfg(tiny_task_dir, tmp_path / "out", dataset_name=str(tmp_path / "pairs.jsonl"), max_length=64)
+    trainer, _, (report, _) = build_trainer(cfg)
+    assert report.dropped == {"prompt alone has >= max_length=64 tokens": 5}
+    assert len(trainer.train_dataset) == 19
+    with pytest.raises(DataError, match="No training pairs left"):
+        build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", dataset_name=str(tmp_path / "pairs.jsonl"),
+                               max_length=4))
+
+
+def test_empty_eval_split_is_a_data_error(tiny_task_dir, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", eval_dataset_name=str(tmp_path / "empty.jsonl")))
+
+
+# -------------------------------------------------------------------------------------------- LoRA training
+def test_lora_dpo_changes_only_the_adapter_and_the_reference_is_the_base(tiny_task_dir, tmp_path):
+    from rlhf_lm.evaluation import reference_mode
+
+    trainer, tok, _ = build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", max_steps=6))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert not trainer.args.gradient_checkpointing
+    trainer.train()
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    for n, p in trainer.model.named_parameters():
+        if n in trainable and "lora_B" in n:  # B starts at zero; every B must have moved
+            assert not torch.equal(p, before[n]), f"{n} did not change"
+        elif n not in trainable:
+            assert torch.equal(p, before[n]), f"frozen {n} changed"
+    # The reference (adapters off) is exactly the untouched base model.
+    base = load_causal_lm(str(tiny_task_dir / "base_policy"), dtype="float32")
+    ids = torch.tensor([tok("Describe the cat and the dog.\nthe cat is happy .")["input_ids"]])
+    with torch.no_grad(), reference_mode(trainer.model) as ref:
+        torch.testing.assert_close(torch.log_softmax(ref(ids).logits, -1), torch.log_softmax(base(ids).logits, -1))
+    with torch.no_grad():
+        assert not torch.allclose(trainer.model(ids).logits, base(ids).logits)
+    assert trainer.state.log_history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)  # policy == ref at step 0
+
+
+def test_run_writes_the_adapter_metrics_and_samples(tiny_task_dir, tmp_path):
+    out = tmp_path / "dpo"
+    metrics = run(tiny_cfg(tiny_task_dir, out, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.1]))
+    assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert not (out / "ref").exists() and not list(out.glob("checkpoint-*"))
+    assert not Path(str(out) + ".partial").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    for key in ("eval/implicit_accuracy", "eval/implicit_margin", "eval/kl", "eval/gold_win_rate",
+                "eval/gold_reward/policy", "eval/gold_reward/reference", "eval/num_prompts"):
+        assert key in metrics and saved["metrics"][key] == pytest.approx(metrics[key])
+    assert saved["data"]["train"]["rows_out"] == 96 and saved["data"]["eval"]["rows_out"] == 32
+    assert saved["config"]["loss_type"] == ["sigmoid", "sft"] and saved["reference"] == "base (adapters off)"
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {"prompt", "policy", "reference", "scores"} <= set(samples[0])
+
+
+class CrashAfterSave(TrainerCallback):
+    """Stands in for a killed job: raise right after the checkpoint at ``step`` is written."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed after step {self.step}")
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_task_dir, tmp_path):
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, eval_prompts=None, eval_num_prompts=1,
+                  eval_gold=False)
+    run(tiny_cfg(tiny_task_dir, tmp_path / "straight", **common))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_cfg(tiny_task_dir, tmp_path / "resumed", **common), callbacks=[CrashAfterSave(3)])
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial" / "checkpoint-3").is_dir()
+    metrics = run(tiny_cfg(tiny_task_dir, tmp_path / "resumed", resume_from_checkpoint=True, **common))
+    assert metrics["train/steps"] == 6
+    straight, resumed = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------- SFT adapter start
+def test_dpo_from_an_sft_adapter_keeps_the_sft_policy_as_reference(tiny_task_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from rlhf_lm.evaluation import reference_mode
+
+    base_dir = str(tiny_task_dir / "base_policy")
+    torch.manual_seed(1)  # a stand-in SFT adapter: random (non-zero) LoRA weights, so SFT policy != base
+    sft = get_peft_model(load_causal_lm(base_dir, dtype="float32"),
+                         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    sft.save_pretrained(tmp_path / "sft")
+    sft_policy = PeftModel.from_pretrained(load_causal_lm(base_dir, dtype="float32"), tmp_path / "sft")
+
+    trainer, tok, _ = build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", sft_adapter_path=str(tmp_path / "sft")))
+    ids = torch.tensor([tok("Describe the cat and the dog.\nthe cat is happy .")["input_ids"]])
+    with torch.no_grad():
+        sft_logits = sft_policy(ids).logits
+        torch.testing.assert_close(trainer.model(ids).logits, sft_logits)  # training starts from the SFT policy
+    ref_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if ".ref." in n}
+    trainer.train()
+    with torch.no_grad(), reference_mode(trainer.model) as ref:
+        torch.testing.assert_close(ref(ids).logits, sft_logits)  # the reference is still the SFT policy
+    for n, p in trainer.model.named_parameters():
+        if ".ref." in n:
+            assert torch.equal(p, ref_before[n]) and not p.requires_grad
+    assert trainer.state.log_history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_missing_sft_adapter_is_an_artifact_error(tiny_task_dir, tmp_path):
+    with pytest.raises(ArtifactError, match="adapter_config.json"):
+        build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", sft_adapter_path=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------ full fine-tune
+def test_full_finetune_uses_an_explicit_frozen_reference(tiny_task_dir, tmp_path):
+    trainer, _, _ = build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", use_peft=False, max_steps=2,
+                                           learning_rate=1e-4))
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    ref_before = {n: p.detach().clone() for n, p in trainer.ref_model.named_parameters()}
+    policy_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert all(torch.equal(p, ref_before[n]) for n, p in trainer.ref_model.named_parameters())
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, policy_before[n])]
+    assert len(changed) == len(policy_before)
+
+
+def test_precomputed_reference_log_probs_give_the_same_first_loss(tiny_task_dir, tmp_path):
+    losses = []
+    for precompute in (False, True):
+        trainer, _, _ = build_trainer(tiny_cfg(tiny_task_dir, tmp_path / f"out{precompute}", max_steps=1,
+                                               precompute_ref_log_probs=precompute))
+        assert ("ref_chosen_logps" in trainer.train_dataset.column_names) == precompute
+        trainer.train()
+        losses.append(trainer.state.log_history[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
