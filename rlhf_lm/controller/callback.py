@@ -114,6 +114,10 @@ class ControllerCallback(TrainerCallback):
             self._decide(state)
         return control
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._drop_frozen_grads()
+        return control
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
             return control
@@ -247,6 +251,7 @@ class ControllerCallback(TrainerCallback):
             trainer.training_step(model, micro)
         if saved_accumulation is not None:
             trainer.current_gradient_accumulation_steps = saved_accumulation
+        self._drop_frozen_grads()
         if args.max_grad_norm:
             trainer.accelerator.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
         self._optimizer.step()
@@ -319,8 +324,17 @@ class ControllerCallback(TrainerCallback):
         return schedule[0] if schedule else "all"
 
     def _apply_layer_group(self, group: str) -> None:
-        actions.set_trainable_group(self.params, group)
+        flags = actions.set_trainable_group(self.params, group)
+        self._frozen = [self.params[n] for n, trains in flags.items() if not trains]
         self.layer_group = group
+
+    def _drop_frozen_grads(self) -> None:
+        """Keep frozen groups frozen: PEFT's adapter toggling (DPO's reference pass runs with the adapter disabled)
+        sets requires_grad back to True on every active adapter, so grads are dropped before each optimizer step
+        (AdamW skips a parameter whose grad is None) and requires_grad is cleared again."""
+        for p in getattr(self, "_frozen", []):
+            p.grad = None
+            p.requires_grad_(False)
 
     def _trainable_fraction(self) -> float:
         params = getattr(self, "params", {})

@@ -47,13 +47,15 @@ class DpoTask:
         from trl import DPOConfig, DPOTrainer
 
         torch.manual_seed(seed)
-        args = DPOConfig(
+        settings = dict(
             output_dir=output_dir or tempfile.mkdtemp(prefix="ctl-dpo-"), learning_rate=learning_rate,
             max_steps=max_steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
             lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_steps, beta=beta, max_length=self.max_length,
             seed=seed, data_seed=seed, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
-            logging_steps=1, disable_tqdm=True, dataset_num_proc=None, weight_decay=0.0, **overrides,
+            logging_steps=1, disable_tqdm=True, dataset_num_proc=None, weight_decay=0.0,
+            gradient_checkpointing=False,
         )
+        args = DPOConfig(**{**settings, **overrides})
         model = load_causal_lm(str(self.task_dir / "base_policy"), dtype="float32")
         lora = LoraConfig(task_type="CAUSAL_LM", r=self.lora_r, lora_alpha=2 * self.lora_r, lora_dropout=0.0,
                           target_modules="all-linear")

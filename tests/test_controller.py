@@ -1,0 +1,268 @@
+"""The hyperparameter controller: pure policy math, and each action taking effect inside a real TRL DPOTrainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from rlhf_lm.controller import ControllerSpec, build_callback
+from rlhf_lm.controller.actions import layer_group, layer_index, set_trainable_group, trainable_groups
+from rlhf_lm.controller.callback import STATE_FILE, ControllerCallback
+from rlhf_lm.controller.policies import Decision
+from rlhf_lm.controller.policies.online import ProbePlanner, choose_candidate
+from rlhf_lm.controller.policies.rules import adaptive_kl_factor, layer_phase, plateau_step
+from rlhf_lm.controller.snapshot import Snapshot
+from rlhf_lm.controller.state import Ema, SignalTracker
+from rlhf_lm.errors import ConfigError
+
+
+# ------------------------------------------------------------------------------------------------- pure parts
+def test_ema_is_bias_corrected():
+    ema = Ema(0.5)
+    assert ema.update(4.0) == pytest.approx(4.0)  # not 2.0: the first value is not pulled toward zero
+    assert ema.update(2.0) == pytest.approx((0.25 * 4 + 0.5 * 2) / 0.75)
+
+
+def test_features_are_scale_free_by_hand():
+    small, large = SignalTracker(), SignalTracker()
+    for loss in (1.0, 0.8, 0.6):
+        small.observe_logs({"loss": loss, "grad_norm": 2.0, "rewards/accuracies": 0.75})
+        large.observe_logs({"loss": 1000 * loss, "grad_norm": 2000.0, "rewards/accuracies": 0.75})
+    for t, scale in ((small, 1.0), (large, 1000.0)):
+        t.observe_objective(0.5 * scale)
+        t.observe_objective(0.4 * scale)
+    f_small = small.features(0.5, lr_multiplier=2.0, beta_multiplier=1.0)
+    f_large = large.features(0.5, lr_multiplier=2.0, beta_multiplier=1.0)
+    assert f_small == pytest.approx(f_large)
+    assert f_small["val_change"] == pytest.approx(-0.2)
+    assert f_small["accuracy"] == pytest.approx(0.25)
+    assert f_small["log_lr_multiplier"] == pytest.approx(math.log(2.0))
+    assert f_small["loss_ema_ratio"] < 0  # falling loss: the fast EMA sits below the slow one
+    assert f_small["grad_norm_ratio"] == pytest.approx(0.0)
+
+
+def test_plateau_reduces_after_patience():
+    best, bad, reductions = math.inf, 0, []
+    history = []
+    for value in (1.0, 0.9, 0.9, 0.9, 0.9):
+        history.append(value)
+        reduce, best, bad = plateau_step(history, best, bad, patience=2, threshold=1e-3)
+        reductions.append(reduce)
+    assert reductions == [False, False, False, False, True]
+    assert best == 0.9
+
+
+def test_adaptive_kl_factor_matches_ziegler():
+    assert adaptive_kl_factor(kl=12.0, target=6.0, horizon=10.0) == pytest.approx(1.02)  # error clipped at +0.2
+    assert adaptive_kl_factor(kl=5.4, target=6.0, horizon=10.0) == pytest.approx(1 - 0.1 / 10)
+    assert layer_phase(["upper", "all"], 0.2) == "upper" and layer_phase(["upper", "all"], 0.6) == "all"
+
+
+def test_layer_groups_from_names():
+    assert layer_index("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == 3
+    assert layer_index("base_model.model.score.modules_to_save.default.weight") is None
+    assert [layer_group(i, 2) for i in range(2)] == ["lower", "upper"]
+    assert [layer_group(i, 6) for i in range(6)] == ["lower", "lower", "middle", "middle", "upper", "upper"]
+
+
+def test_choose_candidate_prefers_no_change_on_near_ties():
+    assert choose_candidate({0.1: 0.70, 1.0: 0.65, 10.0: 0.60}) == 10.0
+    assert choose_candidate({0.1: 0.6000, 1.0: 0.6002, 10.0: 0.7}, tolerance=1e-3) == 1.0
+    assert choose_candidate({0.1: 0.7, 1.0: float("nan"), 10.0: float("inf")}) == 0.1
+
+
+def test_probe_planner_keeps_within_budget():
+    planner = ProbePlanner([0.1, 1.0, 10.0], probe_steps=4, compute_budget=1.5, max_steps=100, interval=10,
+                           val_cost=0.5)
+    assert planner.probe_cost() == 2 * 4 + 3 * 0.5
+    probes = 0
+    for decision in range(10):
+        planner.charge(planner.decision_cost())
+        if planner.should_probe(decision):
+            planner.charge(planner.probe_cost())
+            probes += 1
+    assert probes >= 3 and planner.spent <= 0.5 * 100
+
+
+def test_spec_errors_name_the_key():
+    with pytest.raises(ConfigError, match="Did you mean 'interval'"):
+        ControllerSpec.from_dict({"intervall": 5})
+    with pytest.raises(ConfigError, match="policy"):
+        ControllerSpec.from_dict({"policy": "magic"})
+    with pytest.raises(ConfigError, match="layer group"):
+        ControllerSpec.from_dict({"layer_schedule": ["top"]})
+    with pytest.raises(ConfigError, match="online"):
+        build_callback({"policy": "online"}, stage="ppo")
+    assert build_callback(None, stage="dpo") is None
+
+
+# ---------------------------------------------------------------------------------------- inside a real trainer
+class ScriptedPolicy:
+    """A real policy that plays back fixed decisions (decision index -> Decision), to test each action alone."""
+
+    def __init__(self, script: dict[int, Decision]):
+        self.script, self.calls = script, 0
+
+    def decide(self, features):
+        decision = self.script.get(self.calls, Decision())
+        self.calls += 1
+        return decision
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+class Recorder(TrainerCallback):
+    """Records the learning rate the optimizer is about to use at every step, and the trainer's beta."""
+
+    def __init__(self):
+        self.lrs, self.betas, self.trainer = [], [], None
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(self.trainer.optimizer.param_groups[0]["lr"])
+        self.betas.append(self.trainer.beta)
+
+
+@pytest.fixture(scope="module")
+def dpo_task(tiny_task_dir):
+    from rlhf_lm.controller.harness import DpoTask
+
+    return DpoTask(tiny_task_dir, num_eval=32, max_length=64, lora_r=4)
+
+
+def _run(dpo_task, controller, steps=6, lr=1e-3, **kw):
+    recorder = Recorder()
+    callbacks = [controller, recorder] if controller else [recorder]
+    trainer = dpo_task.trainer(lr, steps, batch_size=8, lr_scheduler_type="cosine", callbacks=callbacks, **kw)
+    recorder.trainer = trainer
+    return trainer, recorder
+
+
+def test_actions_take_effect_inside_dpo_trainer(dpo_task):
+    spec = ControllerSpec(interval=2, control_beta=True, val_batch_size=16)
+    script = {0: Decision(lr_factor=0.5, beta_factor=2.0, layer_group="upper")}
+    controller = ControllerCallback(spec, "dpo", ScriptedPolicy(script))
+    baseline, base_rec = _run(dpo_task, None)
+    baseline.train()
+    trainer, rec = _run(dpo_task, controller)
+    groups = trainable_groups(n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    lower = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n in groups["lower"]}
+    upper = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if n in groups["upper"]}
+    state = {}
+
+    class AfterDecision(TrainerCallback):
+        def on_step_end(self, args, s, control, **kwargs):
+            if s.global_step == 2:
+                state.update({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+
+    trainer.add_callback(AfterDecision())
+    trainer.train()
+
+    # LR: the first two steps follow the schedule; afterwards, the same cosine at half the height
+    assert rec.lrs[:2] == pytest.approx(base_rec.lrs[:2])
+    assert rec.lrs[2:] == pytest.approx([0.5 * lr for lr in base_rec.lrs[2:]])
+    # beta: the value DPOTrainer reads in its loss doubled after the decision
+    assert rec.betas[:2] == [0.1, 0.1] and rec.betas[2:] == pytest.approx([0.2] * 4)
+    # layer groups: after the decision only the upper block's adapters train
+    params = dict(trainer.model.named_parameters())
+    assert all(not params[n].requires_grad for n in lower) and all(params[n].requires_grad for n in upper)
+    assert all(torch.equal(params[n], state[n]) for n in lower)  # frozen after step 2
+    assert all(not torch.equal(params[n], state[n]) for n in upper if "lora_B" in n)  # still training
+    assert any(not torch.equal(state[n], lower[n]) for n in lower)  # lower trained before the decision
+    logged = [h for h in trainer.state.log_history if "controller/lr_multiplier" in h]
+    assert logged and logged[-1]["controller/lr_multiplier"] == 0.5 and logged[-1]["controller/beta"] == 0.2
+
+
+def test_beta_changes_the_dpo_loss(dpo_task):
+    trainer, _ = _run(dpo_task, None, steps=2)
+    trainer.train()
+    batch = next(iter(trainer.get_eval_dataloader()))
+    trainer.model.eval()
+    losses = []
+    for beta in (0.1, 1.0):
+        trainer.beta = beta
+        with torch.no_grad():
+            losses.append(float(trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))))
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3)
+
+
+def test_snapshot_restores_exactly(dpo_task):
+    trainer, _ = _run(dpo_task, None, steps=3)
+    trainer.train()
+    params = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    snap = Snapshot.capture(params, trainer.optimizer, trainer.lr_scheduler)
+    before_params = {n: p.detach().clone() for n, p in params.items()}
+    before_opt = trainer.optimizer.state_dict()
+    before_opt = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in before_opt["state"].items()}
+    before_lr = trainer.lr_scheduler.get_last_lr()
+    trainer.args.max_steps = 6
+    trainer.train(resume_from_checkpoint=None)  # moves weights, moments and the schedule on
+    assert any(not torch.equal(p, before_params[n]) for n, p in params.items())
+    snap.restore(params, trainer.optimizer, trainer.lr_scheduler)
+    assert all(torch.equal(p, before_params[n]) for n, p in params.items())
+    state = trainer.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[k][kk], before_opt[k][kk]) for k in before_opt for kk in before_opt[k])
+    assert trainer.lr_scheduler.get_last_lr() == before_lr
+
+
+def test_divergence_rolls_back(dpo_task):
+    controller = build_callback({"policy": "rules", "interval": 2, "val_batch_size": 16,
+                                 "divergence_factor": 1.05}, "dpo")
+    trainer, rec = _run(dpo_task, controller, steps=6, lr=0.3)  # far too high: the loss blows up
+    trainer.train()
+    assert controller.rollbacks >= 1
+    assert any(h["rollback"] for h in controller.history)
+    assert rec.lrs[-1] < 0.3 * 0.6  # each rollback halves the LR
+
+
+def test_online_probe_commits_best_within_budget(dpo_task):
+    controller = build_callback({"policy": "online", "interval": 4, "probe_steps": 2, "val_batch_size": 16,
+                                 "candidates": [0.1, 1.0, 10.0], "compute_budget": 2.0}, "dpo")
+    trainer, _ = _run(dpo_task, controller, steps=12, lr=1e-4)
+    trainer.train()
+    assert controller.probes >= 1
+    for record in controller.probe_records:
+        scores = {float(f): s for f, s in record["scores"].items()}
+        assert record["chosen"] == choose_candidate(scores)
+    assert controller.planner.spent <= 1.0 * 12 + 1e-9
+    assert controller.lr_multiplier == pytest.approx(math.prod(h["lr_factor"] for h in controller.history))
+
+
+def test_controller_state_survives_checkpoint_resume(dpo_task, tmp_path):
+    script = {0: Decision(lr_factor=0.5, beta_factor=2.0, layer_group="upper"), 1: Decision(lr_factor=3.0)}
+    spec = ControllerSpec(interval=2, control_beta=True, val_batch_size=16)
+    kw = dict(steps=6, output_dir=str(tmp_path), save_strategy="steps", save_steps=4)
+
+    full = ControllerCallback(spec, "dpo", ScriptedPolicy(script))
+    trainer, rec_full = _run(dpo_task, full, **kw)
+    trainer.train()
+    saved = json.loads((tmp_path / "checkpoint-4" / STATE_FILE).read_text())
+    assert saved["lr_multiplier"] == 1.5 and saved["layer_group"] == "upper" and saved["decisions"] == 2
+
+    resumed = ControllerCallback(spec, "dpo", ScriptedPolicy(script))
+    trainer2, rec_resumed = _run(dpo_task, resumed, **kw)
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.lr_multiplier == full.lr_multiplier and resumed.history == full.history
+    assert rec_resumed.lrs == pytest.approx(rec_full.lrs[4:])  # the scaled schedule continues where it was
+    assert rec_resumed.betas == pytest.approx(rec_full.betas[4:])
+    assert trainer2.beta == pytest.approx(0.2)
+    frozen = [n for n, p in trainer2.model.named_parameters() if "lora" in n and not p.requires_grad]
+    assert frozen and all(layer_index(n) == 0 for n in frozen)
+
+
+def test_set_trainable_group_keeps_heads_trainable():
+    params = {
+        "model.layers.0.q.lora_A.weight": torch.nn.Parameter(torch.zeros(1)),
+        "model.layers.1.q.lora_A.weight": torch.nn.Parameter(torch.zeros(1)),
+        "score.modules_to_save.default.weight": torch.nn.Parameter(torch.zeros(1)),
+    }
+    flags = set_trainable_group(params, "lower")
+    assert flags == {"model.layers.0.q.lora_A.weight": True, "model.layers.1.q.lora_A.weight": False,
+                     "score.modules_to_save.default.weight": True}
