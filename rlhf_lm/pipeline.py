@@ -267,11 +267,17 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _wait_for_everyone() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+def _distributed_state():
+    """Accelerate's process state. PartialState is a singleton shared with the stages' trainers, so create it the way
+    they will (transformers passes cpu=True when ACCELERATE_USE_CPU is set; a plain PartialState() would not)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-        PartialState().wait_for_everyone()
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def _wait_for_everyone() -> None:
+    _distributed_state().wait_for_everyone()
 
 
 def run_stage(stage: StagePlan, source: str = "the recipe") -> dict[str, float]:
@@ -288,7 +294,9 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     by_name = {s.name: s for s in pipeline.stages}
     rebuilt: set[str] = set()
     results: dict[str, dict[str, Any]] = {}
-    record: dict[str, Any] = {"source": pipeline.source, "stages": {}}
+    # The process group the stages really ran in (1 if torchrun ranks failed to join one group).
+    record: dict[str, Any] = {"source": pipeline.source, "num_processes": _distributed_state().num_processes,
+                              "stages": {}}
     for stage in pipeline.stages:
         stale = sorted(set(stage.inputs.values()) & rebuilt)
         if is_finished(stage) and stage.name not in pipeline.force and not stale:
@@ -327,8 +335,12 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
 
 
 def _metrics_only(metrics_json: dict[str, Any]) -> dict[str, Any]:
-    """A stage's metrics.json minus the bulky parts (config, data report, log history)."""
-    return {k: v for k, v in metrics_json.items() if isinstance(v, (int, float, str, bool))}
+    """A stage's metrics.json minus the bulky parts (config, data report, log history); a nested ``metrics``
+    mapping (the reward stage's layout) is lifted to the top."""
+    flat = {k: v for k, v in metrics_json.items() if isinstance(v, (int, float, str, bool))}
+    if isinstance(metrics_json.get("metrics"), dict):
+        flat.update(_metrics_only(metrics_json["metrics"]))
+    return flat
 
 
 # ------------------------------------------------------------------------------------------------------- CLI
