@@ -228,6 +228,7 @@ def _measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_repo
     write_json(stage / METRICS_FILE, {
         "metrics": metrics, "reward_mean": reward_mean, "reward_std": reward_std,
         "data": {"train": report.as_dict(), "eval": eval_report.as_dict()}, "config": config,
+        "log_history": trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
     })
     return metrics
 
