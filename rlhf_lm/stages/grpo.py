@@ -1,0 +1,172 @@
+"""Stage ``grpo``: fine-tune a policy with GRPO through TRL's GRPOTrainer, LoRA on, any reward spec.
+
+    rlhf-lm grpo --config recipes/builtin/grpo.yaml --reward_model runs/reward [--key value ...]
+
+TRL does the algorithm; this stage adds what it lacks for our recipes: the same reward specs as PPO (``gold``, a
+reward-stage directory, ``pkg.mod:Name``, ``file.py:Name``) wrapped as TRL reward functions with a NaN / shape check
+that names the reward, counted prompt-length filtering, and the stage contract (adapter + tokenizer + metrics.json
+in ``output_dir``, written via ``staged_output``). ``rloo`` reuses all of it with TRL's RLOOTrainer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.configs import (
+    ControllerArguments,
+    DataArguments,
+    ModelArguments,
+    TrainingDefaults,
+    _call_next_post_init,
+    parse_config,
+)
+from rlhf_lm.errors import ArtifactError, ConfigError, DataError
+from rlhf_lm.rewards import RewardModel, check_rewards
+
+logger = logging.getLogger(__name__)
+
+
+class TRLRewardFunction:
+    """A RewardModel in the shape TRL's online trainers call: ``fn(prompts, completions, **kwargs) -> list[float]``.
+
+    Conversational completions (lists of messages) are scored on the text of their last message.
+    """
+
+    def __init__(self, reward: RewardModel, name: str):
+        self.reward = reward
+        self.__name__ = name  # TRL logs rewards/<__name__>/mean
+
+    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
+        def text(x):
+            return x if isinstance(x, str) else x[-1]["content"]
+
+        values = self.reward([text(p) for p in prompts], [text(c) for c in completions])
+        return check_rewards(values, len(completions), self.__name__).tolist()
+
+
+def reward_name(spec: str) -> str:
+    return spec.rstrip("/").rpartition("/")[-1].replace(":", ".") or "reward"
+
+
+def filter_prompts(ds, tokenizer, max_prompt_length: int | None, report):
+    """Drop (and count) prompts longer than ``max_prompt_length`` tokens; TRL would truncate them silently."""
+    if not max_prompt_length:
+        return ds
+
+    def length(prompt) -> int:
+        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                                                      add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    keep = [i for i, p in enumerate(ds["prompt"]) if length(p) <= max_prompt_length]
+    if len(keep) < len(ds):
+        report.drop(f"prompt over max_prompt_length={max_prompt_length} tokens", len(ds) - len(keep))
+        report.rows_out = len(keep)
+    if not keep:
+        raise DataError(f"No prompts of at most max_prompt_length={max_prompt_length} tokens ({report.summary()}).")
+    return ds.select(keep)
+
+
+@dataclass
+class GRPOStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, GRPOConfig):
+    """Model + LoRA, prompt data, reward spec and TRL's GRPOConfig (beta 0 by default: no reference model)."""
+
+    output_dir: str = field(default="runs/grpo", metadata={"help": "Where the adapter and metrics go."})
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
+                          "'file.py:Name'."},
+    )
+    max_prompt_length: int | None = field(
+        default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
+    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (GRPO reads prompts only)."})
+
+    def __post_init__(self) -> None:
+        _call_next_post_init(self, GRPOStageConfig)
+
+
+CONFIG = GRPOStageConfig
+
+
+def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
+    """Load model, tokenizer, prompts and reward; train with ``trainer_cls`` (GRPOTrainer / RLOOTrainer); save."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from rlhf_lm.data import load_prompt_data
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
+    from rlhf_lm.rewards import load_reward
+
+    if not cfg.model_name_or_path:
+        raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
+    if not cfg.reward_model:
+        raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
+    reward_fn = TRLRewardFunction(load_reward(cfg.reward_model), reward_name(cfg.reward_model))
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
+                               trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
+    train, eval_ds, report = load_prompt_data(cfg, cfg.seed)
+    train = filter_prompts(train, tokenizer, cfg.max_prompt_length, report)
+    if eval_ds is not None:
+        eval_ds = filter_prompts(eval_ds, tokenizer, cfg.max_prompt_length, report)
+    logger.info(report.summary())
+    set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
+    model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
+                           allow_pickle_weights=cfg.allow_pickle_weights)
+    peft_config = lora_config_from_args(cfg)
+    if peft_config is not None:
+        # Wrapped here rather than via peft_config=: TRL then sees a PeftModel and, with beta > 0, uses the
+        # adapter-free base as its reference (no second copy of the weights).
+        model = get_peft_model(model, peft_config)
+    callbacks = []
+    if cfg.controller:
+        from rlhf_lm.controller import build_callback
+
+        callback = build_callback(cfg.controller, stage=stage)
+        callbacks = [callback] if callback is not None else []
+
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() == "true":
+        resume = last_checkpoint(partial_dir(cfg.output_dir))
+        if resume is None:
+            raise ArtifactError(f"resume_from_checkpoint=true but {partial_dir(cfg.output_dir)} holds no checkpoint.")
+    final_dir = cfg.output_dir
+    with staged_output(final_dir) as out:
+        cfg.output_dir = str(out)
+        try:
+            trainer = trainer_cls(model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=train,
+                                  eval_dataset=eval_ds if cfg.eval_strategy != "no" else None,
+                                  processing_class=tokenizer, callbacks=callbacks)
+            start = time.perf_counter()
+            result = trainer.train(resume_from_checkpoint=resume or None)
+            runtime = time.perf_counter() - start
+            trainer.save_model(str(out))
+        finally:
+            cfg.output_dir = final_dir
+        history = trainer.state.log_history
+        train_logs = [h for h in history if f"rewards/{reward_fn.__name__}/mean" in h]
+        metrics = {"train_loss": result.training_loss, "train_runtime": runtime}
+        if train_logs:
+            metrics["reward/first"] = train_logs[0]["reward"]
+            metrics["reward/last"] = train_logs[-1]["reward"]
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(out)
+            write_json(out / METRICS_FILE, {**metrics, "num_processes": trainer.accelerator.num_processes,
+                                            "data_report": report.as_dict(), "log_history": history,
+                                            "config": cfg.to_dict()})
+    return metrics
+
+
+def run(cfg: GRPOStageConfig) -> dict[str, float]:
+    from trl import GRPOTrainer
+
+    return run_online(cfg, GRPOTrainer, "grpo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(run(parse_config(GRPOStageConfig, argv)))
+    return 0

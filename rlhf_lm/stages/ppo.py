@@ -1,0 +1,128 @@
+"""Stage ``ppo``: fine-tune a policy with PPO - LoRA policy + value head on one frozen base, reference = adapters off.
+
+    rlhf-lm ppo --config recipes/builtin/ppo.yaml --reward_model runs/reward [--key value ...]
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m rlhf_lm ppo --config ...
+
+Writes to ``output_dir``: the LoRA adapter (``adapter_model.safetensors``), the value head, the tokenizer and
+``metrics.json`` (final metrics, data report, config, log history). Interrupted runs resume with
+``--resume_from_checkpoint true`` (the newest checkpoint of ``<output_dir>.partial``) or a checkpoint path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.configs import (
+    ControllerArguments,
+    DataArguments,
+    ModelArguments,
+    TrainingDefaults,
+    _call_next_post_init,
+    parse_config,
+)
+from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.ppo import PPOConfig, PPOTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, PPOConfig):
+    """Everything the ``ppo`` stage reads: model + LoRA, prompt data, reward spec, PPO and training settings."""
+
+    output_dir: str = field(default="runs/ppo", metadata={"help": "Where the adapter, value head and metrics go."})
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
+                          "'file.py:Name'."},
+    )
+    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (PPO reads prompts only)."})
+    logging_steps: float = field(default=5, metadata={"help": "Log every N PPO iterations."})
+    save_strategy: str = field(default="no", metadata={"help": "'steps' saves a resumable checkpoint every "
+                                                                 "save_steps iterations; 'no' saves only the result."})
+
+    def __post_init__(self) -> None:
+        if not self.use_peft:
+            raise ConfigError("PPO here trains a LoRA adapter and uses the adapter-free base as the reference (one "
+                              "copy of the weights); use_peft: false is not supported.")
+        _call_next_post_init(self, PPOStageConfig)
+
+
+CONFIG = PPOStageConfig
+
+
+def _resume_path(cfg: PPOStageConfig) -> str | None:
+    resume = cfg.resume_from_checkpoint
+    if resume in (None, False, "", "false", "False"):
+        return None
+    if str(resume).lower() == "true":
+        found = last_checkpoint(partial_dir(cfg.output_dir))
+        if found is None:
+            raise ArtifactError(f"resume_from_checkpoint=true but {partial_dir(cfg.output_dir)} holds no checkpoint; "
+                                "set save_strategy: steps to write them.")
+        return found
+    return str(resume)
+
+
+def run(cfg: PPOStageConfig) -> dict[str, float]:
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from rlhf_lm.data import load_prompt_data
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
+    from rlhf_lm.rewards import load_reward
+
+    if not cfg.model_name_or_path:
+        raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
+    if not cfg.reward_model:
+        raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
+    resume = _resume_path(cfg)
+    reward = load_reward(cfg.reward_model)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
+                               trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
+    train, eval_ds, report = load_prompt_data(cfg, cfg.seed)
+    set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
+    model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
+                           allow_pickle_weights=cfg.allow_pickle_weights)
+    model = get_peft_model(model, lora_config_from_args(cfg))
+    callbacks = []
+    if cfg.controller:
+        from rlhf_lm.controller import build_callback
+
+        callback = build_callback(cfg.controller, stage="ppo")
+        callbacks = [callback] if callback is not None else []
+
+    final_dir = cfg.output_dir
+    with staged_output(final_dir) as out:
+        cfg.output_dir = str(out)  # checkpoints go to the partial dir until the run succeeds
+        try:
+            trainer = PPOTrainer(model, cfg, tokenizer, reward, train["prompt"],
+                                 eval_prompts=eval_ds["prompt"] if eval_ds is not None else None,
+                                 callbacks=callbacks, data_report=report)
+            logger.info(trainer.data_report.summary())
+            start = time.perf_counter()
+            final = trainer.train(resume_from_checkpoint=resume)
+            final["train_runtime"] = time.perf_counter() - start
+            trainer.save_model(out)
+        finally:
+            cfg.output_dir = final_dir
+        if trainer.accelerator.is_main_process:
+            write_json(out / METRICS_FILE, {
+                **final,
+                "num_processes": trainer.accelerator.num_processes,
+                "episodes": trainer.counters["episodes"],
+                "missing_eos": trainer.counters["missing_eos"],
+                "data_report": trainer.data_report.as_dict(),
+                "log_history": trainer.state.log_history,
+                "config": cfg.to_dict(),
+            })
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    metrics = run(parse_config(PPOStageConfig, argv))
+    print({k: round(v, 4) for k, v in metrics.items() if k.startswith(("objective/", "train_"))})
+    return 0

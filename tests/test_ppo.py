@@ -1,0 +1,205 @@
+"""Our PPO trainer end to end on tiny models: learning, the one-base layout, resume, bad input, the stage."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback, set_seed
+
+from rlhf_lm.errors import ConfigError, DataError, RewardError
+from rlhf_lm.ppo import PPOConfig, PPOTrainer
+from rlhf_lm.ppo.trainer import tokenize_prompts
+from rlhf_lm.rewards import FunctionReward, GoldReward
+
+
+def read_prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
+
+
+def make_trainer(task: Path, tmp_path: Path, reward=None, callbacks=None, prompts=None, **overrides) -> PPOTrainer:
+    from peft import get_peft_model
+
+    from rlhf_lm.configs import ModelArguments
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
+
+    set_seed(0)  # LoRA's random init must not depend on what ran before
+    tokenizer = load_tokenizer(str(task / "base_policy"), padding_side="left")
+    model = load_causal_lm(str(task / "base_policy"), dtype="float32")
+    model = get_peft_model(model, lora_config_from_args(ModelArguments(lora_r=8, lora_alpha=16)))
+    settings = dict(output_dir=str(tmp_path / "run"), max_steps=2, rollout_batch_size=16,
+                    per_device_train_batch_size=8, max_new_tokens=24, learning_rate=3e-3, logging_steps=1,
+                    use_cpu=True, disable_tqdm=True, report_to="none", save_strategy="no", seed=0)
+    settings.update(overrides)
+    prompts = prompts if prompts is not None else read_prompts(task / "data" / "prompts_train.jsonl")
+    return PPOTrainer(model, PPOConfig(**settings), tokenizer, reward or GoldReward(), prompts, callbacks=callbacks)
+
+
+def trainable_state(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+
+
+def base_state(trainer: PPOTrainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if not p.requires_grad}
+
+
+# ------------------------------------------------------------------------------------------- learning + layout
+def test_ppo_learns_changes_only_adapter_and_keeps_one_frozen_base(task_dir, tmp_path):
+    trainer = make_trainer(task_dir, tmp_path, max_steps=24, rollout_batch_size=64, per_device_train_batch_size=16,
+                           max_new_tokens=40, missing_eos_penalty=1.0, normalize_scores=True,
+                           lr_scheduler_type="constant", logging_steps=6)
+    before_trainable, before_base = trainable_state(trainer), base_state(trainer)
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "objective/scores" in h]
+    first, last = history[0], history[-1]
+    assert last["objective/scores"] > first["objective/scores"] + 0.05, history
+    for key in ("objective/kl", "objective/rlhf_reward", "objective/entropy", "policy/clipfrac", "policy/approxkl",
+                "policy/entropy", "val/vpred", "val/clipfrac", "val/error", "objective/kl_coef"):
+        assert all(math.isfinite(h[key]) for h in history), key
+
+    after = dict(trainer.unwrapped.named_parameters())
+    changed = [n for n, p in before_trainable.items() if not torch.equal(p, after[n])]
+    assert set(changed) == set(before_trainable), f"unchanged trainable params: {set(before_trainable) - set(changed)}"
+    assert any("lora_" in n for n in changed) and any("value_head" in n for n in changed)
+    assert all(torch.equal(p, after[n]) for n, p in before_base.items()), "the frozen base changed"
+    del before_base
+
+    # One copy of the base weights: no live tensor other than the model's own holds any base weight.
+    gc.collect()
+    base = {n: p for n, p in trainer.unwrapped.named_parameters() if not p.requires_grad}
+    own_ptrs = {p.data_ptr() for p in base.values()}
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for obj in gc.get_objects():
+        if torch.is_tensor(obj) and obj.dtype == torch.float32 and obj.data_ptr() not in own_ptrs:
+            by_shape.setdefault(tuple(obj.shape), []).append(obj)
+    copies = [n for n, p in base.items() for other in by_shape.get(tuple(p.shape), []) if torch.equal(other, p)]
+    assert not copies, f"found a second copy of base weights: {copies[:5]}"
+
+
+def test_reference_is_the_adapter_free_base(tiny_task_dir, tmp_path):
+    from rlhf_lm.modeling import load_causal_lm
+
+    trainer = make_trainer(tiny_task_dir, tmp_path, max_steps=1)
+    trainer.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = trainer.unwrapped.reference_logits(ids, mask, 2)
+        policy, _ = trainer.unwrapped(ids, mask, 2)
+        fresh = load_causal_lm(str(tiny_task_dir / "base_policy"), dtype="float32")(input_ids=ids).logits[:, 1:-1]
+    assert torch.allclose(ref, fresh, atol=1e-5)
+    assert not torch.allclose(policy, fresh, atol=1e-5)  # the adapter did change the policy
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+        return control
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_task_dir, tmp_path):
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, adaptive_kl=True, kl_target=0.5,
+                  normalize_scores=True, gradient_accumulation_steps=2, per_device_train_batch_size=4)
+    full = make_trainer(tiny_task_dir, tmp_path / "full", **common)
+    full.train()
+
+    interrupted = make_trainer(tiny_task_dir, tmp_path / "resumed", callbacks=[StopAt(2)], **common)
+    interrupted.train()
+    assert interrupted.state.global_step == 2
+    ckpt = tmp_path / "resumed" / "run" / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").is_file()
+
+    resumed = make_trainer(tiny_task_dir, tmp_path / "resumed", **common)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 4
+    a, b = trainable_state(full), trainable_state(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert resumed.kl_ctl.value == pytest.approx(full.kl_ctl.value, abs=1e-9)
+    assert resumed.kl_ctl.value != 0.05  # the adaptive controller moved, and its state carried over
+    assert resumed.score_moments.count == full.score_moments.count
+    assert resumed.counters == full.counters
+
+
+# -------------------------------------------------------------------------------------------------- bad input
+def test_long_prompts_are_dropped_and_counted(tiny_task_dir, tmp_path):
+    prompts = read_prompts(tiny_task_dir / "data" / "prompts_train.jsonl")[:40]
+    long = ["Describe the cat " * 50 + "\n"] * 3
+    trainer = make_trainer(tiny_task_dir, tmp_path, prompts=prompts + long, max_prompt_length=32)
+    assert trainer.data_report.rows_in == 43 and trainer.data_report.rows_out == 40
+    assert trainer.data_report.dropped == {"prompt over max_prompt_length=32 tokens": 3}
+    assert all("cat " * 50 not in p for p in trainer.prompts)
+
+
+def test_no_usable_prompts_is_a_clear_error(tiny_task_dir):
+    from rlhf_lm.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_task_dir / "base_policy"))
+    with pytest.raises(DataError, match="No usable prompts.*max_prompt_length"):
+        tokenize_prompts(["Describe the cat " * 50], tokenizer, max_prompt_length=16)
+
+
+def test_nan_reward_names_the_reward(tiny_task_dir, tmp_path):
+    reward = FunctionReward(lambda p, c: float("nan"), name="broken_scorer")
+    trainer = make_trainer(tiny_task_dir, tmp_path, reward=reward)
+    with pytest.raises(RewardError, match="broken_scorer.*NaN"):
+        trainer.train()
+
+
+def test_missing_eos_is_penalised_and_counted(tiny_task_dir, tmp_path):
+    # Two new tokens leave most completions without EOS; a reward of 0 makes the penalty the whole score.
+    trainer = make_trainer(tiny_task_dir, tmp_path, reward=FunctionReward(lambda p, c: 0.0), max_steps=1,
+                           max_new_tokens=2, missing_eos_penalty=2.0, kl_coef=0.0)
+    logs = trainer.train()
+    assert trainer.counters["missing_eos"] > 0
+    assert logs["objective/no_eos_frac"] == pytest.approx(trainer.counters["missing_eos"] / 16)
+    assert logs["objective/rlhf_reward"] == pytest.approx(-2.0 * logs["objective/no_eos_frac"], abs=1e-5)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ConfigError, match="kl_estimator"):
+        PPOConfig(output_dir="x", kl_estimator="k2", use_cpu=True)
+    with pytest.raises(ConfigError, match="multiple of"):
+        PPOConfig(output_dir="x", rollout_batch_size=10, per_device_train_batch_size=4, use_cpu=True)
+
+
+# ------------------------------------------------------------------------------------------------------ stage
+def test_ppo_stage_writes_adapter_value_head_and_metrics(tiny_task_dir, tmp_path):
+    from rlhf_lm.stages import ppo
+
+    out = tmp_path / "ppo"
+    ppo.main(["--model_name_or_path", str(tiny_task_dir / "base_policy"),
+              "--dataset_name", str(tiny_task_dir / "data" / "prompts_train.jsonl"), "--reward_model", "gold",
+              "--output_dir", str(out), "--max_steps", "2", "--rollout_batch_size", "8",
+              "--per_device_train_batch_size", "8", "--max_new_tokens", "16", "--use_cpu", "true",
+              "--disable_tqdm", "true", "--lora_r", "4"])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "value_head.safetensors", "tokenizer.json",
+                 "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_processes"] == 1 and metrics["episodes"] == 16
+    assert "objective/kl" in metrics and metrics["log_history"]
+    assert metrics["data_report"]["rows_out"] > 0
+    assert not (tmp_path / "ppo.partial").exists()
+    assert str(tmp_path) not in json.dumps({k: v for k, v in metrics.items() if k != "config"})
+
+
+def test_ppo_stage_rejects_full_finetuning_and_missing_reward(tiny_task_dir, tmp_path):
+    from rlhf_lm.configs import parse_config
+    from rlhf_lm.stages import ppo
+
+    with pytest.raises(ConfigError, match="use_peft"):
+        parse_config(ppo.PPOStageConfig, ["--use_peft", "false", "--output_dir", str(tmp_path)])
+    with pytest.raises(ConfigError, match="reward_model"):
+        ppo.main(["--model_name_or_path", str(tiny_task_dir / "base_policy"), "--output_dir", str(tmp_path / "o"),
+                  "--dataset_name", str(tiny_task_dir / "data" / "prompts_train.jsonl"), "--use_cpu", "true"])
