@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import inspect
 import logging
 import os
 import time
@@ -43,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
 
 from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
 from rlhf_lm.configs import load_recipe
@@ -63,6 +65,7 @@ STAGE_MODULES: dict[str, str] = {
     "evaluate": "rlhf_lm.stages.evaluate",
 }
 POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
+PROMPT_STAGES = ("ppo", "grpo", "rloo", "evaluate")  # stages that read prompts; the others read preference pairs
 # What each stage kind hands on, by input name.
 PROVIDES: dict[str, tuple[str, ...]] = {
     "task": ("base_model", "preference_data", "prompt_data", "gold"),
@@ -146,7 +149,7 @@ def _artifact_values(kind: str, fields: set[str], providers: dict[str, StagePlan
 
     if "base_model" in providers:
         offer("model_name_or_path", str(providers["base_model"].output_dir / "base_policy"))
-    data = "prompt_data" if kind in ("ppo", "grpo", "rloo", "evaluate") or "reward_model" in fields else "preference_data"
+    data = "prompt_data" if kind in PROMPT_STAGES else "preference_data"
     if data in providers:
         split = "prompts" if data == "prompt_data" else "pairs"
         offer("dataset_name", str(providers[data].output_dir / "data"))
@@ -280,18 +283,32 @@ def _wait_for_everyone() -> None:
     _distributed_state().wait_for_everyone()
 
 
-def run_stage(stage: StagePlan, source: str = "the recipe") -> dict[str, float]:
+def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None = None) -> dict[str, float]:
     """Build one stage's config from its values (through its own dataclass checks) and run it in this process."""
     from rlhf_lm.configs import config_from_dict
 
     module = stage_module(stage.kind)
     cfg = config_from_dict(module.CONFIG, stage.values, f"section '{stage.name}' of {source}")
+    if history is not None and "callbacks" in inspect.signature(module.run).parameters:
+        return module.run(cfg, callbacks=[LogHistoryRecorder(history)]) or {}
     return module.run(cfg) or {}
+
+
+class LogHistoryRecorder(TrainerCallback):
+    """Keeps a copy of the trainer's log history (the training curves) for stages that do not save it themselves."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.into[:] = list(state.log_history)
 
 
 def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     """Run (or skip, when finished) each stage in order; return each stage's metrics, keyed by stage name."""
     by_name = {s.name: s for s in pipeline.stages}
+    old_record = pipeline.output_dir / PIPELINE_FILE
+    previous = read_json(old_record) if old_record.is_file() else {}
     rebuilt: set[str] = set()
     results: dict[str, dict[str, Any]] = {}
     # The process group the stages really ran in (1 if torchrun ranks failed to join one group).
@@ -304,13 +321,18 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
                         stage.kind, stage.output_dir)
             results[stage.name] = _metrics_only(read_json(stage.output_dir / METRICS_FILE))
             record["stages"][stage.name] = {"kind": stage.kind, "status": "skipped", "seconds": 0.0}
+            if stage.name in previous.get("log_history", {}):
+                record.setdefault("log_history", {})[stage.name] = previous["log_history"][stage.name]
             continue
         _check_inputs(stage, by_name)
         why = "forced" if stage.name in pipeline.force else f"inputs rebuilt by {stale}" if stale else "not run yet"
         logger.info("Stage %s (%s): running (%s) -> %s", stage.name, stage.kind, why, stage.output_dir)
         start = time.perf_counter()
         try:
-            results[stage.name] = dict(run_stage(stage, pipeline.source))
+            history: list = []
+            results[stage.name] = dict(run_stage(stage, pipeline.source, history))
+            if history:
+                record.setdefault("log_history", {})[stage.name] = history
         except Exception:
             logger.error("Stage %s failed. Finished stages and any previous %s are untouched; fix the cause and "
                          "re-run the pipeline to continue from this stage.", stage.name, stage.output_dir)
