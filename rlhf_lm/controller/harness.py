@@ -2,7 +2,10 @@
 
 Every run is a real TRL ``DPOTrainer`` with LoRA on the task's base policy. Tokenization is the slow part of
 building a trainer on 2 CPU cores, so :class:`DpoTask` tokenizes once and hands the tokenized datasets to every
-trainer (``DPOTrainer`` skips datasets that are already tokenized).
+later trainer (``DPOTrainer`` skips datasets that are already tokenized).
+
+The held-out pairs are split in two: a *validation* part (the trainer's ``eval_dataset``: what the controller and
+PBT may look at while training) and a *test* part that only the final score sees.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from transformers import TrainerCallback
 from rlhf_lm.modeling import load_causal_lm, load_tokenizer
 
 
-def _read_pairs(path: Path, limit: int | None) -> Dataset:
+def _read_pairs(path: Path, start: int = 0, stop: int | None = None) -> Dataset:
     ds = Dataset.from_json(str(path))
-    return ds.select(range(min(limit, len(ds)))) if limit else ds
+    stop = len(ds) if stop is None else min(stop, len(ds))
+    return ds.select(range(min(start, stop), stop))
 
 
 @dataclass
@@ -30,7 +34,8 @@ class DpoTask:
 
     task_dir: Path
     num_train: int | None = None
-    num_eval: int = 128
+    num_eval: int = 64  # validation pairs (the trainer's eval_dataset)
+    num_test: int = 128  # test pairs after those, scored only at the end
     max_length: int = 96
     lora_r: int = 8
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -46,7 +51,6 @@ class DpoTask:
         from peft import LoraConfig
         from trl import DPOConfig, DPOTrainer
 
-        torch.manual_seed(seed)
         settings = dict(
             output_dir=output_dir or tempfile.mkdtemp(prefix="ctl-dpo-"), learning_rate=learning_rate,
             max_steps=max_steps, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
@@ -56,26 +60,85 @@ class DpoTask:
             gradient_checkpointing=False,
         )
         args = DPOConfig(**{**settings, **overrides})
+        torch.manual_seed(seed)
         model = load_causal_lm(str(self.task_dir / "base_policy"), dtype="float32")
         lora = LoraConfig(task_type="CAUSAL_LM", r=self.lora_r, lora_alpha=2 * self.lora_r, lora_dropout=0.0,
                           target_modules="all-linear")
-        train, evaluation = self._datasets()
-        trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+        train, validation, test = self._datasets()
+        trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset={"val": validation,
+                                                                                        "test": test},
                              processing_class=self.tokenizer, peft_config=lora, callbacks=callbacks)
+        trainer.eval_dataset, self._test = trainer.eval_dataset["val"], trainer.eval_dataset["test"]
         if "tokenized" not in self._cache:  # reuse the tokenized datasets for every later trainer
-            self._cache["tokenized"] = (trainer.train_dataset, trainer.eval_dataset)
+            self._cache["tokenized"] = (trainer.train_dataset, trainer.eval_dataset, self._test)
         return trainer
 
-    def _datasets(self) -> tuple[Dataset, Dataset]:
+    def _datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         if "tokenized" in self._cache:
             return self._cache["tokenized"]
-        train = _read_pairs(self.task_dir / "data" / "pairs_train.jsonl", self.num_train)
-        evaluation = _read_pairs(self.task_dir / "data" / "pairs_eval.jsonl", self.num_eval)
-        return train, evaluation
+        pairs = self.task_dir / "data"
+        train = _read_pairs(pairs / "pairs_train.jsonl", 0, self.num_train)
+        validation = _read_pairs(pairs / "pairs_eval.jsonl", 0, self.num_eval)
+        test = _read_pairs(pairs / "pairs_eval.jsonl", self.num_eval, self.num_eval + self.num_test)
+        return train, validation, test
+
+    @torch.no_grad()
+    def test_loss(self, trainer) -> float:
+        """The DPO loss on the test pairs (never seen by the controller): the number the benchmark compares."""
+        return float(trainer.evaluate(eval_dataset=self._cache["tokenized"][2], metric_key_prefix="test")["test_loss"])
+
+    def gold_objective(self, trainer, num_prompts: int = 48, max_new_tokens: int = 32, seed: int = 0
+                       ) -> dict[str, float]:
+        """Gold reward - beta * KL of the trained policy's samples on held-out prompts (the task's true goal)."""
+        import json
+
+        from rlhf_lm.evaluation import evaluate_policy
+
+        lines = (self.task_dir / "data" / "prompts_eval.jsonl").read_text().splitlines()[:num_prompts]
+        prompts = [json.loads(line)["prompt"] for line in lines]
+        trainer.model.eval()
+        m = evaluate_policy(trainer.model, self.tokenizer, prompts, gold=True, max_new_tokens=max_new_tokens,
+                            seed=seed)
+        beta = trainer.args.beta
+        return {"gold_reward": m["eval/gold_reward/policy"], "kl": m["eval/kl"],
+                "gold_objective": m["eval/gold_reward/policy"] - beta * m["eval/kl"]}
 
 
-@torch.no_grad()
-def heldout_loss(trainer) -> float:
-    """The DPO loss on the whole held-out pair set (the quantity the benchmark compares)."""
-    metrics = trainer.evaluate()
-    return float(metrics["eval_loss"])
+class SteppedRun:
+    """A DPOTrainer driven one optimizer step at a time (for PBT, whose members train in lockstep rounds).
+
+    Same loss, optimizer, scheduler and batches as ``trainer.train()``; only the loop is ours, because Trainer's
+    loop cannot pause between rounds.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
+        self.loader = trainer.get_train_dataloader()
+        self._iter = iter(self.loader)
+        self.steps = 0
+
+    def step(self) -> float:
+        trainer = self.trainer
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self._iter = iter(self.loader)
+            batch = next(self._iter)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(trainer.model, batch)
+        if trainer.args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._metrics["train"].clear()
+        self.steps += 1
+        return float(loss)
+
+    @torch.no_grad()
+    def val_loss(self) -> float:
+        trainer = self.trainer
+        metrics = trainer.evaluate()
+        return float(metrics["eval_loss"])
