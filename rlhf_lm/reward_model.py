@@ -198,7 +198,10 @@ class ClassifierReward:
             base = base_model or json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
             if not base:
                 raise ArtifactError(f"{path / ADAPTER_CONFIG} names no base model; pass base_model=.")
-            model = load_sequence_classifier(base, **load)
+            from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+            with suppress_seqcls_warning():  # the base has no score head yet: the adapter brings it
+                model = load_sequence_classifier(base, **load)
             model = PeftModel.from_pretrained(model, str(path))
             model = model.merge_and_unload() if merge else model
         else:
@@ -220,6 +223,7 @@ class ClassifierReward:
         """Unnormalised rewards on CPU, shape ``(n,)``. Longest texts first, so each batch pads little."""
         if len(prompts) != len(completions):
             raise RewardError(f"Reward model {self.name}: {len(prompts)} prompts but {len(completions)} completions.")
+        prompts, completions = list(prompts), list(completions)  # also accepts datasets' lazy Column objects
         encoded = [reward_input_ids(p, c, self.tokenizer) for p, c in zip(prompts, completions, strict=True)]
         limit = self.max_length
         if limit:  # decoders read the score at the last token (keep the end), encoders at the first (keep the start)

@@ -85,7 +85,13 @@ def _import_object(spec: str):
         module_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        # The file's folder goes on sys.path while it loads, so a reward file can import its siblings.
+        folder = str(path.resolve().parent)
+        sys.path.insert(0, folder)
+        try:
+            module_spec.loader.exec_module(module)
+        finally:
+            sys.path.remove(folder)
     else:
         try:
             module = importlib.import_module(target)

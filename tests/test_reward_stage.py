@@ -1,0 +1,213 @@
+"""The reward stage end to end: it trains what it should, saves what later stages need, and reloads exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from rlhf_lm.artifacts import METRICS_FILE
+from rlhf_lm.configs import config_from_dict
+from rlhf_lm.errors import ConfigError, DataError, RlhfError
+from rlhf_lm.reward_model import ClassifierReward
+from rlhf_lm.rewards import load_reward
+from rlhf_lm.stages import reward as reward_stage
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_METRICS = ["reward/accuracy", "reward/margin", "reward/ece", "reward/length_baseline_accuracy",
+                "reward/prefers_longer", "reward/length_corr"]
+
+
+def stage_config(task: Path, out: Path, **overrides) -> reward_stage.RewardStageConfig:
+    values = dict(model_name_or_path=str(task / "base_policy"), dataset_name=str(task / "data"),
+                  dataset_train_split="pairs_train", dataset_eval_split="pairs_eval", output_dir=str(out),
+                  learning_rate=3e-3, num_train_epochs=2, per_device_train_batch_size=16, logging_steps=1000,
+                  save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+    values.update(overrides)
+    return config_from_dict(reward_stage.RewardStageConfig, values, "test")
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def digest(directory: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file())).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def lora_rm(tiny_task_dir, tmp_path_factory) -> tuple[Path, dict, str]:
+    """A LoRA reward model trained on the tiny task (mechanics, not quality), and the base's digest before training."""
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    before = digest(tiny_task_dir / "base_policy")
+    metrics = reward_stage.run(stage_config(tiny_task_dir, out, num_train_epochs=3))
+    return out, metrics, before
+
+
+def test_lora_artifact_holds_adapter_head_tokenizer_and_metrics(lora_rm, tiny_task_dir):
+    out, metrics, before = lora_rm
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", METRICS_FILE} <= names
+    assert not any(n.startswith("checkpoint-") for n in names)
+    assert not (out.parent / "reward.partial").exists()  # staged output was swapped into place
+    saved = json.loads((out / METRICS_FILE).read_text())
+    for key in EVAL_METRICS + ["reward/gold_accuracy", "reward/train_accuracy"]:
+        assert key in saved["metrics"] and key in metrics
+    assert saved["reward_std"] > 0 and "reward_mean" in saved
+    assert saved["data"]["train"]["rows_out"] == 96 and saved["config"]["output_dir"] == str(out)
+    assert str(out.parent) not in json.dumps({k: v for k, v in saved.items() if k != "config"})
+
+    adapter = tensors(out / "adapter_model.safetensors")
+    head = [k for k in adapter if ".score." in k]
+    assert head, f"score head missing from the adapter: {sorted(adapter)[:5]}"
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: every one was trained
+    assert all("lora_" in k or ".score." in k for k in adapter)  # nothing of the base is saved (or changed)
+    # The fresh head is seeded; training moved it away from its initial value.
+    from transformers import set_seed
+
+    from rlhf_lm.modeling import load_sequence_classifier
+
+    set_seed(0)
+    init = load_sequence_classifier(str(tiny_task_dir / "base_policy")).score.weight
+    assert not torch.allclose(adapter[head[0]], init)
+    assert digest(tiny_task_dir / "base_policy") == before  # base weights on disk untouched
+
+
+def test_reload_reproduces_in_memory_scores(lora_rm, tiny_task_dir):
+    out, metrics, _ = lora_rm
+    saved = json.loads((out / METRICS_FILE).read_text())
+    merged = ClassifierReward.from_pretrained(out)
+    unmerged = ClassifierReward.from_pretrained(out, merge=False)
+    from datasets import load_dataset
+
+    pairs = load_dataset("json", data_files=str(tiny_task_dir / "data" / "pairs_eval.jsonl"), split="train")
+    again = reward_stage.evaluate_pairs(unmerged, pairs, gold=True)
+    for key in ("reward/margin", "reward/chosen_mean", "reward/rejected_mean", "reward/gold_accuracy"):
+        assert again[key] == pytest.approx(metrics[key], abs=1e-5), key  # metrics were scored in memory
+    p, c = pairs["prompt"], pairs["chosen"]
+    assert torch.allclose(merged(p, c), unmerged(p, c), atol=1e-5)
+    train = load_dataset("json", data_files=str(tiny_task_dir / "data" / "pairs_train.jsonl"), split="train")
+    scores = torch.cat([unmerged(train["prompt"], train["chosen"]), unmerged(train["prompt"], train["rejected"])])
+    assert scores.mean().item() == pytest.approx(saved["reward_mean"], abs=1e-5)
+    normalized = load_reward(str(out), normalize=True)(list(train["prompt"]), list(train["chosen"]))
+    assert torch.allclose(normalized, (scores[:len(train)] - saved["reward_mean"]) / saved["reward_std"], atol=1e-5)
+
+
+def test_cross_tokenizer_reward_scores_text_not_ids(lora_rm, tmp_path, tiny_task_dir):
+    """A policy with its own tokenizer is judged by a reward model with another: the reward re-tokenises text."""
+    from rlhf_lm.modeling import build_tiny_model, load_causal_lm, load_tokenizer
+    from rlhf_lm.task import all_prompts
+
+    out, _, _ = lora_rm
+    policy_dir = build_tiny_model(tmp_path / "policy", all_prompts()[:200], arch="qwen2", vocab_size=300, seed=3)
+    policy_tok, reward = load_tokenizer(str(policy_dir)), ClassifierReward.from_pretrained(out)
+    sample = "Describe the cat and the dog.\nthe cat is happy ."
+    assert policy_tok(sample)["input_ids"] != reward.tokenizer(sample)["input_ids"]
+    prompts = [json.loads(x)["prompt"] for x in (tiny_task_dir / "data" / "prompts_eval.jsonl").open()][:6]
+    evaluation = pytest.importorskip("rlhf_lm.evaluation")
+    samples = tmp_path / "samples.jsonl"
+    metrics = evaluation.evaluate_policy(load_causal_lm(str(policy_dir)), policy_tok, prompts, reward,
+                                         reference=load_causal_lm(str(policy_dir)), samples_path=samples,
+                                         max_new_tokens=12, batch_size=6)
+    rows = [json.loads(line) for line in samples.open()]
+    direct = reward([r["prompt"] for r in rows], [r["policy"] for r in rows])
+    assert metrics["eval/reward/policy"] == pytest.approx(direct.mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["reward_models/format_rule.py:format_reward", "reward_models/format_rule.py:FormatRule",
+                                  "reward_models/length_penalized.py:LengthPenalized",
+                                  "reward_models/ensemble.py:ClassifierPlusFormat"])
+def test_reward_model_examples_load_by_spec_and_evaluate(spec, lora_rm, tiny_task_dir, monkeypatch):
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+
+    out, _, _ = lora_rm
+    monkeypatch.chdir(REPO)
+    kwargs = {} if "format_rule" in spec else {"reward_dir": str(out)}
+    if "ensemble" in spec:
+        kwargs["calibration_file"] = str(tiny_task_dir / "data" / "pairs_train.jsonl")
+    reward = load_reward(spec, **kwargs)
+    good, bad = "the cat is happy . the dog is kind .", "the cat is happy . the cat is happy . the"
+    scores = reward(["Describe the cat and the dog.\n"] * 2, [good, bad])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
+    if "format_rule" in spec:
+        assert scores[0] > scores[1]
+    evaluation = pytest.importorskip("rlhf_lm.evaluation")
+    policy = str(tiny_task_dir / "base_policy")
+    prompts = [json.loads(x)["prompt"] for x in (tiny_task_dir / "data" / "prompts_eval.jsonl").open()][:4]
+    metrics = evaluation.evaluate_policy(load_causal_lm(policy), load_tokenizer(policy, padding_side="left"), prompts,
+                                         reward, reference=load_causal_lm(policy), max_new_tokens=8, batch_size=4)
+    assert "eval/reward/policy" in metrics and metrics["eval/num_prompts"] == 4
+
+
+def test_encoder_backbone_without_eos_trains_and_reloads(tiny_task_dir, tmp_path):
+    """BERT-style tokenizers have no EOS (RewardTrainer needs one): SEP stands in, and the classifier head saves."""
+    from transformers import AutoTokenizer
+
+    from rlhf_lm.modeling import build_tiny_model
+    from rlhf_lm.task import all_prompts
+
+    texts = [json.loads(x)["chosen"] for x in (tiny_task_dir / "data" / "pairs_train.jsonl").open()] + all_prompts()
+    encoder = build_tiny_model(tmp_path / "encoder", texts, arch="bert", vocab_size=300)
+
+    assert AutoTokenizer.from_pretrained(encoder).eos_token is None  # the pitfall is real
+    out = tmp_path / "rm"
+    metrics = reward_stage.run(stage_config(tiny_task_dir, out, model_name_or_path=str(encoder), num_train_epochs=1))
+    assert set(EVAL_METRICS) <= set(metrics)
+    adapter = tensors(out / "adapter_model.safetensors")
+    assert any(".classifier." in k for k in adapter)
+    reloaded = load_reward(str(out))
+    assert reloaded.tokenizer.eos_token == "[SEP]"
+    assert reloaded(["Describe the cat and the dog.\n"], ["the cat is happy ."]).shape == (1,)
+
+
+def test_full_finetune_and_merged_adapter_save_whole_models(tiny_task_dir, tmp_path):
+    full = tmp_path / "full"
+    reward_stage.run(stage_config(tiny_task_dir, full, use_peft=False, max_steps=2))
+    merged = tmp_path / "merged"
+    reward_stage.run(stage_config(tiny_task_dir, merged, merge_adapter=True, max_steps=2))
+    for out in (full, merged):
+        assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+        assert load_reward(str(out))(["Describe the cat and the dog.\n"], ["the cat is happy ."]).shape == (1,)
+    base = tensors(tiny_task_dir / "base_policy" / "model.safetensors")
+    trained = tensors(full / "model.safetensors")
+    changed = [k for k in trained if k in base and not torch.equal(trained[k], base[k])]
+    assert len(changed) == len([k for k in trained if k in base])  # full fine-tune: every backbone tensor moved
+
+
+def test_over_long_pairs_are_counted_not_silently_dropped(tiny_task_dir, tmp_path):
+    out = tmp_path / "short"
+    reward_stage.run(stage_config(tiny_task_dir, out, max_length=24, max_steps=1))
+    data = json.loads((out / METRICS_FILE).read_text())["data"]["train"]
+    assert sum(data["dropped"].values()) > 0 and data["rows_out"] + sum(data["dropped"].values()) == data["rows_in"]
+
+
+BAD_CONFIGS = [
+    ({"model_name_or_path": None}, ConfigError, "model_name_or_path"),
+    ({"merge_adapter": True, "use_peft": False}, ConfigError, "merge_adapter"),
+    ({"center_rewards_coefficient": -1.0}, ConfigError, "center_rewards_coefficient"),
+    ({"max_length": 4}, DataError, "max_length"),
+    ({"dataset_name": "/nonexistent/pairs.jsonl"}, DataError, "/nonexistent/pairs.jsonl"),
+    ({"model_name_or_path": "/nonexistent/model"}, RlhfError, "/nonexistent/model"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,fragment", BAD_CONFIGS, ids=[next(iter(c[0])) + str(i) for i, c in
+                                                                       enumerate(BAD_CONFIGS)])
+def test_bad_stage_inputs_fail_clearly(overrides, error, fragment, tiny_task_dir, tmp_path):
+    with pytest.raises(error, match=fragment.replace("/", ".")):
+        reward_stage.run(stage_config(tiny_task_dir, tmp_path / "x", max_steps=1, **overrides))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_prints_one_line_errors(tmp_path, capsys):
+    from rlhf_lm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["reward", "--output_dir", str(tmp_path / "x"), "--lora_rr", "8"])
+    assert info.value.code == 2 and "lora_r" in capsys.readouterr().err
