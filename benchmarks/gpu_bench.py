@@ -599,6 +599,43 @@ def measure_ppo(settings: BenchSettings, assets: Assets, variant: str, peak) -> 
     return result
 
 
+HH_PAIRS = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
+
+
+def measure_padding(pairs_path: Path = HH_PAIRS, vocab_size: int = 16000, max_length: int = 1024,
+                    batch_sizes: tuple[int, ...] = (4, 8, 16), seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
+    """Share of DPO batch positions that are padding on real HH-RLHF pairs: random vs length-grouped batches, with
+    and without padding to a multiple of 64. Needs no GPU: padding wastes the same share of FLOPs on any device.
+
+    Lengths come from a byte-level BPE trained on the pairs themselves (``vocab_size`` tokens), a stand-in for a
+    model tokenizer (none can be downloaded here); sequences are capped at ``max_length`` as DPO truncates them.
+    """
+    from rlhf_lm.data import load_rows, normalize_preferences
+    from rlhf_lm.modeling import train_tokenizer
+    from rlhf_lm.speed import dpo_padding_fraction
+
+    pairs, _ = normalize_preferences(load_rows(str(pairs_path)), "hh_rlhf")
+    tokenizer = train_tokenizer((t for row in pairs for t in (row["prompt"] + row["chosen"], row["rejected"])),
+                                vocab_size=vocab_size)
+
+    def lengths(column: str) -> list[int]:
+        texts = [p + c for p, c in zip(pairs["prompt"], pairs[column])]
+        return [min(len(ids) + 1, max_length) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    chosen, rejected = lengths("chosen"), lengths("rejected")
+    table = {}
+    for batch in batch_sizes:
+        for grouped in (False, True):
+            for multiple in (None, 8, 64):
+                fractions = [dpo_padding_fraction(chosen, rejected, batch, grouped, multiple, seed) for seed in seeds]
+                key = f"bs{batch}_{'grouped' if grouped else 'random'}_{f'pad{multiple}' if multiple else 'nopad'}"
+                table[key] = statistics.mean(fractions)
+    return {"benchmark": "dpo_padding", "data": str(pairs_path.relative_to(pairs_path.parents[3])),
+            "pairs": len(chosen), "tokenizer": f"byte-level BPE, {vocab_size} tokens, trained on the pairs",
+            "max_length": max_length, "seeds": list(seeds), "mean_sequence_tokens": statistics.mean(chosen + rejected),
+            "padding_fraction": table}
+
+
 # ----------------------------------------------------------------------------------------------------- report
 def library_versions() -> dict:
     import importlib.metadata as md
@@ -746,6 +783,8 @@ ALL_CASES = ["dpo_lora", "dpo_full", "reward_lora", "grpo_lora", "ppo_lora", "ge
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--padding", action="store_true",
+                        help="Measure DPO batch padding on real HH-RLHF pairs (CPU) and write results/dpo_padding.json.")
     parser.add_argument("--tiny", action="store_true", help="Tiny model on CPU: a smoke test of every code path.")
     parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="1.5b")
     parser.add_argument("--cases", default=",".join(ALL_CASES), help=f"Comma-separated subset of {ALL_CASES}.")
@@ -758,6 +797,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="Where models and trainer outputs go (default /tmp/rlhf_lm_gpu_bench).")
     parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/gpu_bench_<size>.json).")
     args = parser.parse_args(argv)
+    if args.padding:
+        quiet_libraries()
+        report = measure_padding()
+        out = args.output or RESULTS_DIR / "dpo_padding.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["padding_fraction"], indent=2))
+        return 0
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(ALL_CASES))
     if unknown:

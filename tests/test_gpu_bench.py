@@ -160,7 +160,7 @@ def test_tiny_benchmark_runs_every_dpo_variant_and_generation_on_cpu(tmp_path):
     from benchmarks.gpu_bench import BenchSettings, run_benchmark
 
     settings = BenchSettings.tiny(workdir=str(tmp_path / "work"),
-                                  variants=["A", "B", "B_memory", "B_precompute", "B_liger", "B_static"])
+                                  variants=["A", "B_memory", "B_precompute", "B_liger", "B_static"])
     out = tmp_path / "gpu_bench_tiny.json"
     report = run_benchmark(settings, ["dpo_lora", "generation"], out)
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
@@ -169,17 +169,18 @@ def test_tiny_benchmark_runs_every_dpo_variant_and_generation_on_cpu(tmp_path):
 
     dpo = report["cases"]["dpo_lora"]
     pair_tokens = 2 * settings.seq_len  # chosen and rejected sequences, no padding at fixed lengths
-    for variant in ("A", "B", "B_memory", "B_precompute"):
+    for variant in ("A", "B_memory", "B_precompute"):
         result = dpo[variant]
         assert "error" not in result, result
         assert result["tokens_per_step"] == settings.batch_size * settings.grad_accum * pair_tokens
         assert result["tokens_per_s"] > 0 and result["step_time_s"] > 0 and result["model_tflops_per_s"] > 0
         assert result["mfu"] is None  # no peak figures for a CPU
     # A is what plain TRL does (checkpointing on, fp32 weights); B is our stage as it ships; B_* add one change each
-    assert dpo["A"]["activation_checkpointing"] is True and dpo["A"]["weights_dtype"] == "torch.float32"
-    assert dpo["B"]["activation_checkpointing"] is False and dpo["B"]["source"] == "rlhf_lm.stages.dpo.CONFIG"
-    assert dpo["B_memory"]["activation_checkpointing"] is True and dpo["B_memory"]["weights_dtype"] == "torch.bfloat16"
-    assert "B_bf16" not in dpo  # not selected
+    assert dpo["A"]["model_checkpointing"] is True and dpo["A"]["weights_dtype"] == "torch.float32"
+    assert dpo["B_memory"]["source"].startswith("rlhf_lm.stages.dpo.CONFIG +dtype=bfloat16")
+    assert dpo["B_memory"]["model_checkpointing"] is True and dpo["B_memory"]["weights_dtype"] == "torch.bfloat16"
+    assert dpo["B_precompute"]["model_checkpointing"] is False
+    assert "B" not in dpo and "B_bf16" not in dpo  # not selected
     if importlib.util.find_spec("liger_kernel") is None:
         assert "liger-kernel is not installed" in dpo["B_liger"]["skipped"]
     assert dpo["B_precompute"]["precompute_s"] > 0
@@ -187,8 +188,8 @@ def test_tiny_benchmark_runs_every_dpo_variant_and_generation_on_cpu(tmp_path):
         "tokens_per_s_incl_precompute_1ep"]
     # Without the reference forward a step costs fewer model FLOPs per token
     assert (dpo["B_precompute"]["model_tflops_per_s"] / dpo["B_precompute"]["tokens_per_s"]
-            < dpo["B"]["model_tflops_per_s"] / dpo["B"]["tokens_per_s"])
-    assert {"B", "B_memory", "B_precompute"} <= set(dpo["ratios_vs_A"])
+            < dpo["B_memory"]["model_tflops_per_s"] / dpo["B_memory"]["tokens_per_s"])
+    assert {"B_memory", "B_precompute"} <= set(dpo["ratios_vs_A"])
 
     gen = report["cases"]["generation"]
     assert gen["A_bs2"]["cache"] == "dynamic" and gen["B_static_bs2"]["cache"] == "static"
