@@ -778,11 +778,25 @@ def run_benchmark(settings: BenchSettings, cases: list[str], output: Path | None
     return report
 
 
+def merge_reports(reports: list[dict]) -> dict:
+    """One report holding the cases of several runs on one device (later files win), with targets re-checked."""
+    devices = {r["device"] for r in reports}
+    if len(devices) != 1:
+        raise SystemExit(f"refusing to merge results from different devices: {sorted(devices)}")
+    merged = dict(reports[-1], cases={})
+    for report in reports:
+        merged["cases"].update(report["cases"])
+    merged["targets"] = check_targets(merged["cases"], merged["settings"]["size"])
+    return merged
+
+
 ALL_CASES = ["dpo_lora", "dpo_full", "reward_lora", "grpo_lora", "ppo_lora", "generation"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="Merge the cases of result files from separate runs (same device) into --output.")
     parser.add_argument("--padding", action="store_true",
                         help="Measure DPO batch padding on real HH-RLHF pairs (CPU) and write results/dpo_padding.json.")
     parser.add_argument("--tiny", action="store_true", help="Tiny model on CPU: a smoke test of every code path.")
@@ -797,6 +811,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="Where models and trainer outputs go (default /tmp/rlhf_lm_gpu_bench).")
     parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/gpu_bench_<size>.json).")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = merge_reports([json.loads(p.read_text()) for p in args.merge])
+        out = args.output or RESULTS_DIR / f"gpu_bench_{merged['settings']['size']}.json"
+        out.write_text(json.dumps(merged, indent=2) + "\n")
+        print(f"[gpu_bench] merged {len(args.merge)} files into {out}")
+        return 0
     if args.padding:
         quiet_libraries()
         report = measure_padding()

@@ -231,3 +231,20 @@ def test_real_size_benchmark_on_gpu(tmp_path):
             assert result["peak_allocated_gib"] > 0
             if result["mfu"] is not None:  # a known device
                 assert 0 < result["mfu"] < 1
+
+
+def test_merge_joins_cases_of_one_device_and_refuses_two():
+    from benchmarks.gpu_bench import merge_reports
+
+    base = {"device": "NVIDIA H100 80GB HBM3", "settings": {"size": "1.5b"}, "targets": []}
+    a = dict(base, cases={"dpo_lora": {"A": {"tokens_per_s": 1.0}, "B": {"tokens_per_s": 2.5, "mfu": 0.3}}})
+    b = dict(base, cases={"reward_lora": {"B": {"mfu": 0.5}}})
+    merged = merge_reports([a, b])
+    assert set(merged["cases"]) == {"dpo_lora", "reward_lora"}
+    status = {t["target"]: (t["measured"], t["status"]) for t in merged["targets"]}
+    assert status["DPO-LoRA tokens/s >= 2x plain TRL"] == (2.5, "met")
+    assert status["DPO-LoRA MFU >= 0.40"] == (0.3, "missed")
+    assert status["reward-model LoRA MFU >= 0.40"] == (0.5, "met")
+    assert status["DPO full MFU >= 0.45"][1] == "not measured"
+    with pytest.raises(SystemExit, match="different devices"):
+        merge_reports([a, dict(b, device="NVIDIA H200")])
