@@ -294,7 +294,12 @@ def _explicit(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
     for i, row in enumerate(rows.dataset):
         for key in ("prompt", "chosen", "rejected"):
             _check_text(row[cols[key]], rows, i, cols[key])
-        yield {"prompt": row[cols["prompt"]], "chosen": row[cols["chosen"]], "rejected": row[cols["rejected"]]}
+        pair = {"prompt": row[cols["prompt"]], "chosen": row[cols["chosen"]], "rejected": row[cols["rejected"]]}
+        if "margin" in row:  # optional per-pair margin, used by the reward model's Bradley-Terry loss
+            if not isinstance(row["margin"], (int, float)) or isinstance(row["margin"], bool):
+                raise DataError(f"{rows.where(i)}, column 'margin': expected a number, got {row['margin']!r}.")
+            pair["margin"] = float(row["margin"])
+        yield pair
 
 
 def _conversational(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
