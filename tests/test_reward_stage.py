@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,52 @@ def test_cli_prints_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["reward", "--output_dir", str(tmp_path / "x"), "--lora_rr", "8"])
     assert info.value.code == 2 and "lora_r" in capsys.readouterr().err
+
+
+def test_margin_column_and_reward_centering_enter_the_loss(tiny_task_dir, tmp_path):
+    """-log sigmoid(r_c - r_r - margin): with margin 5 the first-step loss is about 5, not log 2; centering adds."""
+    rows = [json.loads(x) for x in (tiny_task_dir / "data" / "pairs_train.jsonl").open()][:32]
+    data = tmp_path / "margin.jsonl"
+    data.write_text("".join(json.dumps({**r, "margin": 5.0}) + "\n" for r in rows))
+    common = dict(dataset_name=str(data), dataset_eval_split=None, dataset_train_split="train", eval_fraction=0.25,
+                  max_steps=1, per_device_train_batch_size=8, learning_rate=1e-9)
+    with_margin = reward_stage.run(stage_config(tiny_task_dir, tmp_path / "m", **common))["train/loss"]
+    plain = dict(common, dataset_name=str(tiny_task_dir / "data" / "pairs_train.jsonl"), max_train_samples=24)
+    baseline = reward_stage.run(stage_config(tiny_task_dir, tmp_path / "b", **plain))["train/loss"]
+    centered = reward_stage.run(stage_config(tiny_task_dir, tmp_path / "c", center_rewards_coefficient=100.0,
+                                             **plain))["train/loss"]
+    assert baseline == pytest.approx(0.69, abs=0.1)
+    assert with_margin == pytest.approx(5.0, abs=0.6)
+    assert centered > baseline + 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+def test_stage_learns_on_the_builtin_task(task_dir, tmp_path, arch):
+    """A short LoRA run on part of the default task: clearly above chance on held-out pairs and against gold."""
+    metrics = reward_stage.run(stage_config(task_dir, tmp_path / "rm", max_train_samples=800, num_train_epochs=3,
+                                            per_device_train_batch_size=16, learning_rate=3e-3))
+    assert metrics["reward/gold_accuracy"] > 0.6
+    assert metrics["reward/accuracy"] > 0.55
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_real_hh_rlhf_pairs_decoder_and_encoder_backbones(hh_pairs_path, tmp_path, arch):
+    """Real HH-RLHF dialogues: the stage trains a tiny decoder, and an encoder given as a local directory, and
+    reports every metric (no gold here: this is human data)."""
+    import gzip
+
+    from rlhf_lm.modeling import build_tiny_model
+
+    with gzip.open(hh_pairs_path, "rt") as f:
+        texts = [json.loads(line)["chosen"] for _, line in zip(range(300), f)]
+    backbone = build_tiny_model(tmp_path / arch, texts, arch=arch, vocab_size=1000)
+    out = tmp_path / "rm"
+    metrics = reward_stage.run(config_from_dict(reward_stage.RewardStageConfig, dict(
+        model_name_or_path=str(backbone), dataset_name=str(hh_pairs_path), output_dir=str(out), max_length=256,
+        max_train_samples=96, max_eval_samples=48, num_train_epochs=1, per_device_train_batch_size=16,
+        learning_rate=1e-3, save_strategy="no", disable_tqdm=True, use_cpu=True, logging_steps=1000), "test"))
+    assert set(EVAL_METRICS) <= set(metrics) and "reward/gold_accuracy" not in metrics
+    assert all(math.isfinite(metrics[k]) for k in EVAL_METRICS)
+    saved = json.loads((out / METRICS_FILE).read_text())
+    assert saved["data"]["train"]["rows_in"] == 1800 and saved["reward_std"] > 0
+    assert load_reward(str(out))(["\n\nHuman: hi\n\nAssistant:"], [" Hello! How can I help?"]).shape == (1,)
