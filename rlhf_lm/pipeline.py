@@ -15,10 +15,10 @@ A pipeline recipe is flat YAML::
 How artifacts flow (only into fields the user left unset, and only if the stage's config has that field):
 
 =================  ====================================================================================
-task               base policy -> ``model_name_or_path``; its pairs / prompts -> ``dataset_name`` + splits;
-                   ``gold: true`` where a stage can also score with the task's gold reward
+task               base policy -> ``model_name_or_path``; its pairs / prompts -> ``dataset_name`` + splits,
+                   held-out prompts -> ``prompts``; ``gold: true`` where a stage can score with the gold reward
 reward             its output directory -> ``reward_model``
-dpo/ppo/grpo/rloo  their output directory (adapter or model) -> ``policy_name_or_path`` of a later stage
+dpo/ppo/grpo/rloo  their output directory (adapter or model) -> ``policy_path`` of a later (evaluate) stage
 =================  ====================================================================================
 
 A stage is finished when its output directory holds ``metrics.json`` (stages write it last, through
@@ -156,12 +156,14 @@ def _artifact_values(kind: str, fields: set[str], providers: dict[str, StagePlan
         # The evaluate stage works on held-out prompts only; training stages evaluate on the held-out split.
         offer("dataset_train_split", f"{split}_eval" if kind == "evaluate" else f"{split}_train")
         offer("dataset_eval_split", f"{split}_eval")
+    if "prompt_data" in providers:
+        offer("prompts", str(providers["prompt_data"].output_dir / "data" / "prompts_eval.jsonl"))  # held out
     if "gold" in providers:
         offer("gold", True)
     if "reward_model" in providers:
         offer("reward_model", str(providers["reward_model"].output_dir))
     if "policy" in providers:
-        offer("policy_name_or_path", str(providers["policy"].output_dir))
+        offer("policy_path", str(providers["policy"].output_dir))
     return values
 
 
