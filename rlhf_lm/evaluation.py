@@ -354,6 +354,33 @@ def implicit_reward_metrics(trl_metrics: dict[str, float]) -> dict[str, float]:
     return {ours: float(trl_metrics[theirs]) for theirs, ours in IMPLICIT_METRICS.items() if theirs in trl_metrics}
 
 
+@torch.no_grad()
+def implicit_reward_accuracy(policy, tokenizer, pairs, beta: float, *, reference=None,
+                             batch_size: int = 64) -> dict[str, float]:
+    """DPO's implicit-reward accuracy and margin on tokenized pairs, without a trainer.
+
+    ``pairs`` has ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (``rlhf_lm.stages.dpo.tokenize_pairs``). The
+    implicit reward is ``beta * (sum log pi(y|x) - sum log pi_ref(y|x))`` over the completion tokens, as in TRL's
+    DPOTrainer; this is what ``rlhf-lm evaluate`` uses for a saved policy (inside a training run the stage reads the
+    same numbers from ``DPOTrainer.evaluate()``; the tests check that the two agree).
+    """
+    if len(pairs) == 0:
+        raise DataError("implicit_reward_accuracy got no pairs.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = list(pairs["prompt_ids"]) * 2
+    completions = list(pairs["chosen_ids"]) + list(pairs["rejected_ids"])
+    policy_logps = torch.stack([t.sum() for t in completion_logprobs(policy, prompts, completions, pad_id,
+                                                                     batch_size)])
+    with _as_reference(policy, reference) as ref:
+        ref_logps = torch.stack([t.sum() for t in completion_logprobs(ref, prompts, completions, pad_id,
+                                                                      batch_size)])
+    rewards = beta * (policy_logps - ref_logps)
+    chosen, rejected = rewards.chunk(2)
+    return {"eval/implicit_accuracy": (chosen > rejected).float().mean().item(),
+            "eval/implicit_margin": (chosen - rejected).mean().item(),
+            "eval/implicit_reward/chosen": chosen.mean().item(), "eval/implicit_reward/rejected": rejected.mean().item()}
+
+
 def preference_accuracy(trainer, eval_dataset=None) -> dict[str, float]:
     """DPO's implicit-reward accuracy and margin on held-out pairs, computed by TRL's ``DPOTrainer.evaluate()``.
 

@@ -165,6 +165,21 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of ``texts``, straight from the Rust tokenizer when that gives what ``tokenizer(texts)`` gives.
+
+    ``tokenizer(texts)`` builds an attention mask and a Python ``Encoding`` per row that DPO never reads; skipping
+    them is about a third of the tokenization time. The shortcut is taken only when the backend has no truncation or
+    padding of its own and splits special tokens as the wrapper would.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if (backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None
+            and backend.padding is None
+            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
 def _tokenize_batch(batch: dict[str, list], tokenizer) -> dict[str, list]:
     """TRL's DPO tokenization of a batch, with one tokenizer call per column instead of three per row."""
     prompts, chosen, rejected = batch["prompt"], batch["chosen"], batch["rejected"]
@@ -172,15 +187,17 @@ def _tokenize_batch(batch: dict[str, list], tokenizer) -> dict[str, list]:
         eos = tokenizer.eos_token
         chosen = [c if c.endswith(eos) else c + eos for c in chosen]
         rejected = [r if r.endswith(eos) else r + eos for r in rejected]
-        prompt_ids = tokenizer(prompts)["input_ids"]
-        chosen_full = tokenizer([p + c for p, c in zip(prompts, chosen, strict=True)])["input_ids"]
-        rejected_full = tokenizer([p + r for p, r in zip(prompts, rejected, strict=True)])["input_ids"]
+        unique = list(dict.fromkeys(prompts))  # several pairs often share a prompt: tokenize it once
+        ids_of = dict(zip(unique, _encode(tokenizer, unique), strict=True))
+        prompt_ids = [ids_of[p] for p in prompts]
+        chosen_full = _encode(tokenizer, [p + c for p, c in zip(prompts, chosen, strict=True)])
+        rejected_full = _encode(tokenizer, [p + r for p, r in zip(prompts, rejected, strict=True)])
     else:  # conversational: render with the chat template (which carries its own special tokens), then tokenize
         render = tokenizer.apply_chat_template
         prompt_text = render(prompts, tokenize=False, add_generation_prompt=True)
         chosen_text = render([p + c for p, c in zip(prompts, chosen, strict=True)], tokenize=False)
         rejected_text = render([p + r for p, r in zip(prompts, rejected, strict=True)], tokenize=False)
-        prompt_ids, chosen_full, rejected_full = (tokenizer(t, add_special_tokens=False)["input_ids"]
+        prompt_ids, chosen_full, rejected_full = (_encode(tokenizer, t, add_special_tokens=False)
                                                   for t in (prompt_text, chosen_text, rejected_text))
     out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
     for p, c, r in zip(prompt_ids, chosen_full, rejected_full, strict=True):
@@ -193,16 +210,17 @@ def _tokenize_batch(batch: dict[str, list], tokenizer) -> dict[str, list]:
 
 
 def tokenize_pairs(ds: Dataset, tokenizer, num_proc: int | None = None, batch_size: int = 1000) -> Dataset:
-    """Add ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` exactly as TRL's DPOTrainer would compute them.
+    """``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` exactly as TRL's DPOTrainer would compute them.
 
     TRL maps three single-row tokenizer calls (plus an EOS pass) over the data; here each batch goes through the
-    fast tokenizer once per column, which is where the preprocessing speed-up comes from. ``datasets`` caches the
-    result by fingerprint when the data is backed by a cache file (Hub or disk datasets).
+    fast tokenizer once per column, and a prompt shared by several pairs is tokenized once. That is where the
+    preprocessing speed-up comes from. ``datasets`` caches the result by fingerprint when the data is backed by a
+    cache file (Hub or disk datasets), so a rerun on the same data skips it.
     """
     if len(ds) == 0:
-        return ds.add_column("prompt_ids", []).add_column("chosen_ids", []).add_column("rejected_ids", [])
+        return Dataset.from_dict({c: [] for c in TOKEN_COLUMNS})
     return ds.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
-                  fn_kwargs={"tokenizer": tokenizer}, desc="Tokenizing pairs")
+                  fn_kwargs={"tokenizer": tokenizer}, remove_columns=ds.column_names, desc="Tokenizing pairs")
 
 
 def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: DataReport) -> Dataset:
@@ -215,21 +233,23 @@ def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: D
     if max_length is None or len(ds) == 0:
         report.rows_out = len(ds)
         return ds
-    prompt_len = [len(p) for p in ds["prompt_ids"]]
-    pair_len = [n + max(len(c), len(r)) for n, c, r in zip(prompt_len, ds["chosen_ids"], ds["rejected_ids"],
-                                                            strict=True)]
-    keep = []
-    for i, (p, n) in enumerate(zip(prompt_len, pair_len, strict=True)):
-        if p >= max_length:
-            report.drop(f"prompt alone has >= max_length={max_length} tokens")
-        elif n > max_length and mode == "drop":
-            report.drop(f"pair over max_length={max_length}")
-        else:
-            if n > max_length:
-                report.truncated[f"completion cut at max_length={max_length}"] += 1
-            keep.append(i)
-    report.rows_out = len(keep)
-    return ds if len(keep) == len(ds) else ds.select(keep)
+    import numpy as np
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]  # lengths straight from Arrow: no Python lists of token ids
+    prompt_len, chosen_len, rejected_len = (pc.list_value_length(table[c]).to_numpy() for c in TOKEN_COLUMNS)
+    pair_len = prompt_len + np.maximum(chosen_len, rejected_len)
+    prompt_too_long = prompt_len >= max_length
+    over = ~prompt_too_long & (pair_len > max_length)
+    if prompt_too_long.any():
+        report.drop(f"prompt alone has >= max_length={max_length} tokens", int(prompt_too_long.sum()))
+    if over.any() and mode == "drop":
+        report.drop(f"pair over max_length={max_length}", int(over.sum()))
+    elif over.any():
+        report.truncated[f"completion cut at max_length={max_length}"] += int(over.sum())
+    keep = ~prompt_too_long & ~over if mode == "drop" else ~prompt_too_long
+    report.rows_out = int(keep.sum())
+    return ds if keep.all() else ds.select(np.flatnonzero(keep))
 
 
 class DPOTrainer(trl.DPOTrainer):
@@ -287,7 +307,7 @@ def prepare_pairs(ds: Dataset, tokenizer, cfg: DPOStageConfig, report: DataRepor
     if len(tokenized) == 0:
         raise DataError(f"No {split} pairs left after the length limit ({report.summary()}). Raise max_length or "
                         "shorten the prompts.")
-    return tokenized.select_columns(list(TOKEN_COLUMNS))
+    return tokenized
 
 
 def load_eval_prompts(cfg: DPOStageConfig) -> list[Any]:
