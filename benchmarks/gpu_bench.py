@@ -801,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="Measure DPO batch padding on real HH-RLHF pairs (CPU) and write results/dpo_padding.json.")
     parser.add_argument("--tiny", action="store_true", help="Tiny model on CPU: a smoke test of every code path.")
     parser.add_argument("--size", choices=sorted(MODEL_SIZES), default="1.5b")
+    parser.add_argument("--cpu", action="store_true", help="Run --size on CPU anyway (slow; checks the code path).")
+    parser.add_argument("--prompt-len", type=int, help="Prompt tokens (default 512).")
+    parser.add_argument("--completion-len", type=int, help="Response tokens, EOS included (default 512).")
     parser.add_argument("--cases", default=",".join(ALL_CASES), help=f"Comma-separated subset of {ALL_CASES}.")
     parser.add_argument("--variants", help="Comma-separated subset of variants (A, B, B_bf16, ...); default all.")
     parser.add_argument("--rounds", type=int, default=1, help="Alternating A/B rounds per case (median reported).")
@@ -832,10 +835,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny or args.size == "tiny":
         settings = BenchSettings.tiny()
     else:
-        if not torch.cuda.is_available():
-            parser.error(f"--size {args.size} needs a CUDA GPU; use --tiny on CPU")
-        settings = BenchSettings(size=args.size)
+        if not (torch.cuda.is_available() or args.cpu):
+            parser.error(f"--size {args.size} needs a CUDA GPU; use --tiny (or --cpu) on CPU")
+        settings = BenchSettings(size=args.size, device="cpu" if args.cpu else "cuda")
     overrides = {k: v for k, v in dict(rounds=args.rounds, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                                       prompt_len=args.prompt_len, completion_len=args.completion_len,
                                        measure_steps=args.measure_steps, warmup_steps=args.warmup_steps,
                                        workdir=args.workdir).items() if v is not None}
     if args.variants:
