@@ -334,7 +334,9 @@ class Run:
     row_flops: int  # model FLOPs per row
     source: str
     notes: dict = field(default_factory=dict)
-    phase: PhaseTimer | None = None
+    phase: PhaseTimer | None = None  # the rollout phase of an online trainer
+    generation: PhaseTimer | None = None  # the generate calls inside it
+    generation_batch: int = 0
 
 
 def _lora(task_type: str, **extra):
@@ -446,9 +448,10 @@ def build_grpo(settings: BenchSettings, assets: Assets, variant: str, out: Path)
     if args.num_iterations > 1 or args.steps_per_generation > args.gradient_accumulation_steps:
         row += sequence_flops(assets.shape, s, FORWARD, head_tokens=c)  # old-policy log-probs
     phase = PhaseTimer(trainer, "_generate_and_score_completions", settings.device)
+    generation = PhaseTimer(trainer, "_generate_single_turn", settings.device)
     notes = {"activation_checkpointing": checkpointing_of(args), "bf16_autocast": bool(args.bf16), "beta": args.beta,
              "weights_dtype": _weights_dtype(trainer.model)}
-    return Run(trainer, s, row, source, notes, phase)
+    return Run(trainer, s, row, source, notes, phase, generation, args.generation_batch_size)
 
 
 TRAINER_CASES: dict[str, tuple[list[str], Callable]] = {
@@ -485,6 +488,9 @@ def measure_trainer_variant(settings: BenchSettings, assets: Assets, case: str, 
     if run.phase is not None:
         rollout = sum(run.phase.seconds[-steps:])
         result.update(rollout_s_per_step=rollout / steps, update_s_per_step=(seconds - rollout) / steps)
+    if run.generation is not None:
+        result.update(generation_stats(settings, assets, run.trainer.model, run.generation.seconds[-steps:],
+                                       run.generation_batch, peak))
     if "precompute_s" in run.notes:
         # Reference log-probs are computed once per dataset and reused every epoch: amortise them honestly.
         per_row_train = seconds / rows
@@ -494,6 +500,19 @@ def measure_trainer_variant(settings: BenchSettings, assets: Assets, case: str, 
     del run
     free_memory(settings.device)
     return result
+
+
+def generation_stats(settings: BenchSettings, assets: Assets, model, seconds: list[float], batch: int,
+                     peak) -> dict:
+    """Bandwidth use of the generate calls inside a rollout: the bytes every decoding step must read (all weights
+    as stored, plus the batch's KV cache) over the whole call's time, prefill included (so a slight underestimate)."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    steps = settings.completion_len - 1
+    moved = decode_bytes(weight_bytes, assets.shape.kv_bytes_per_token(2), batch, settings.prompt_len, steps)
+    per_call = sum(seconds) / len(seconds)
+    return {"generation_s_per_step": sum(seconds) / max(len(seconds), 1), "generation_batch": batch,
+            "generation_decode_step_ms": 1e3 * per_call / steps,
+            "generation_mbu": bandwidth_utilisation(moved, per_call, peak.hbm_bytes_per_s)}
 
 
 def measure_generation(settings: BenchSettings, assets: Assets, variant: str, peak, batch: int) -> dict:
@@ -559,6 +578,7 @@ def measure_ppo(settings: BenchSettings, assets: Assets, variant: str, peak) -> 
     timer = StepTimer(settings.device)
     trainer = PPOTrainer(model, args, processing_class=assets.tokenizer, reward_model=reward, train_prompts=prompts,
                          callbacks=[timer])
+    generation = PhaseTimer(trainer.unwrapped.policy, "generate", settings.device)
     rollout_s: list[float] = []
     tokens: list[int] = []  # non-pad prompt + response tokens of each rollout
     original = ppo_trainer.collect_rollout
@@ -593,6 +613,7 @@ def measure_ppo(settings: BenchSettings, assets: Assets, variant: str, peak) -> 
                                                                                   peak.bf16_flops),
               "num_ppo_epochs": args.num_ppo_epochs, "activation_checkpointing": checkpointing_of(args),
               "bf16_autocast": bool(args.bf16), "weights_dtype": _weights_dtype(model),
+              **generation_stats(settings, assets, model, generation.seconds[w:], args.rollout_batch_size, peak),
               **memory_stats(settings.device)}
     del trainer, model
     free_memory(settings.device)
