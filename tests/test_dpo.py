@@ -261,3 +261,17 @@ def test_precomputed_reference_log_probs_give_the_same_first_loss(tiny_task_dir,
         trainer.train()
         losses.append(trainer.state.log_history[0]["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_dpo_learns_the_preferences_it_is_trained_on(tiny_task_dir, tmp_path):
+    """Before training every implicit reward is 0; after, the chosen responses of the training pairs win."""
+    from rlhf_lm.evaluation import implicit_reward_metrics
+
+    trainer, _, _ = build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", max_steps=24, per_device_train_batch_size=16,
+                                           beta=0.5, logging_steps=100))
+    before = implicit_reward_metrics(trainer.evaluate(trainer.train_dataset))
+    trainer.train()
+    after = implicit_reward_metrics(trainer.evaluate(trainer.train_dataset))
+    assert before["eval/implicit_margin"] == pytest.approx(0.0, abs=1e-6)
+    assert after["eval/implicit_accuracy"] >= 0.65 and after["eval/implicit_margin"] > 0.1
+    assert after["eval/dpo_loss"] < before["eval/dpo_loss"] - 0.05
