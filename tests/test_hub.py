@@ -161,3 +161,20 @@ def test_bad_input_from_the_cli(run_dir, tmp_path):
         assert hub.repos == {}
         for proc in (no_token, wrong, malformed, not_run):
             assert "Traceback" not in proc.stderr
+
+
+def test_push_to_hub_from_a_pipeline_recipe(tmp_path):
+    """`push_to_hub: true` pushes the finished run at the end of `rlhf-lm pipeline` (the task's base policy here)."""
+    recipe = {"output_dir": str(tmp_path / "run"), "stages": ["task"], "push_to_hub": True,
+              "hub_repo_id": "test-user/pipeline-run",
+              "task": {"num_pretrain_texts": 100, "num_train_pairs": 16, "num_eval_pairs": 8, "pretrain_epochs": 1,
+                       "hidden_size": 16, "num_hidden_layers": 1}}
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(recipe))
+    with HubStandIn(token=TOKEN) as hub:
+        proc = _cli(["pipeline", "--config", str(tmp_path / "pipe.yaml")], _hub_env(hub.url, tmp_path / "home"))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        repo = hub.repos["test-user/pipeline-run"]
+        assert repo.private
+        assert {"pipeline.json", "README.md", "task/base_policy/model.safetensors", "task/metrics.json"} <= set(
+            repo.files)
+        assert TOKEN not in proc.stdout + proc.stderr
