@@ -69,10 +69,12 @@ def test_layer_groups_from_names():
     assert [layer_group(i, 6) for i in range(6)] == ["lower", "lower", "middle", "middle", "upper", "upper"]
 
 
-def test_choose_candidate_prefers_no_change_on_near_ties():
-    assert choose_candidate({0.1: 0.70, 1.0: 0.65, 10.0: 0.60}) == 10.0
+def test_choose_candidate_takes_the_best_and_the_larger_step_on_ties():
+    assert choose_candidate({0.1: 0.70, 1.0: 0.65, 10.0: 0.80}) == 1.0
     assert choose_candidate({0.1: 0.6000, 1.0: 0.6002, 10.0: 0.7}, tolerance=1e-3) == 1.0
+    assert choose_candidate({0.1: 0.6931, 1.0: 0.6931, 10.0: 0.6931}) == 10.0  # nothing moved: LR too small
     assert choose_candidate({0.1: 0.7, 1.0: float("nan"), 10.0: float("inf")}) == 0.1
+    assert choose_candidate({0.1: float("nan"), 1.0: float("nan")}) == 0.1  # all diverged: the smallest step
 
 
 def test_probe_planner_keeps_within_budget():
@@ -266,3 +268,39 @@ def test_set_trainable_group_keeps_heads_trainable():
     flags = set_trainable_group(params, "lower")
     assert flags == {"model.layers.0.q.lora_A.weight": True, "model.layers.1.q.lora_A.weight": False,
                      "score.modules_to_save.default.weight": True}
+
+
+# ------------------------------------------------------------------------------------------------ learned policy
+def test_hindsight_relabelling_by_hand():
+    from rlhf_lm.controller.train_learned import relabel
+
+    records = [
+        {"features": {"progress": 0.0}, "objective": 0.7, "scores": {"0.1": 0.7, "1.0": 0.7}},  # first: skipped
+        {"features": {"progress": 0.5, "update_ratio": -3.0}, "objective": 0.5,
+         "scores": {"0.1": 0.5, "1.0": 0.45, "10.0": float("nan")}},
+    ]
+    x, y = relabel(records, [0.1, 1.0, 10.0])
+    assert x.shape == (1, 13) and x[0, 4] == -3.0  # update_ratio is the 5th feature
+    assert y.tolist() == [[0.0, pytest.approx(0.1), -1.0]]  # every probed factor labelled; divergence = -1
+
+
+def test_learned_policy_fits_saves_and_decides(tmp_path):
+    from rlhf_lm.controller.policies import LearnedPolicy
+    from rlhf_lm.controller.state import FEATURES
+    from rlhf_lm.controller.train_learned import ACTIONS, fit_q
+
+    # a synthetic rule the network must learn: tiny updates -> raise the LR, huge updates -> lower it
+    torch.manual_seed(0)
+    x = torch.zeros(200, len(FEATURES))
+    x[:, FEATURES.index("update_ratio")] = torch.linspace(-6, -1, 200)
+    y = torch.stack([-(x[:, 4] + 3.5 + math.log10(a)) ** 2 for a in ACTIONS], dim=1)
+    policy = fit_q(x, y, iters=800)
+    path = tmp_path / "policy.safetensors"
+    policy.save(path)
+    loaded = LearnedPolicy.load(path)
+    assert path.stat().st_size < 64_000
+    small = loaded.decide({"update_ratio": -5.8, "progress": 0.5})
+    large = loaded.decide({"update_ratio": -1.2, "progress": 0.5})
+    assert small.lr_factor == 10.0 and large.lr_factor == 0.1
+    with pytest.raises(ConfigError, match="train_learned"):
+        LearnedPolicy.load(tmp_path / "missing.safetensors")

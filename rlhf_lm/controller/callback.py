@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,8 @@ class ControllerCallback(TrainerCallback):
         self._pending_logs: dict[str, float] = {}
         self._val_batch: dict | None = None
         self._probe_iter = None
+        self._timing: dict[str, list[float]] = {"step": [], "val": []}
+        self.commit_rule = choose_candidate  # which probed factor to keep (learned-policy training explores here)
 
     # ------------------------------------------------------------------------------------------------ wiring
     def attach(self, trainer: Any) -> ControllerCallback:
@@ -223,7 +226,7 @@ class ControllerCallback(TrainerCallback):
                 states[factor] = self._snapshot()
                 states = {factor: states[factor]}
         scores = {f: s for f, s in scores.items()}
-        best = self._broadcast(choose_candidate(scores))
+        best = self._broadcast(self.commit_rule(scores))
         states.get(best, start).restore(self.params, self._optimizer, self._scheduler)
         if best not in states:  # a near-tie went to the factor nearest 1: replay it rather than keep another's state
             for group in self._optimizer.param_groups:
@@ -243,6 +246,11 @@ class ControllerCallback(TrainerCallback):
         return Decision(lr_factor=best, reason=f"probe {', '.join(f'{f:g}:{s:.4g}' for f, s in scores.items())}")
 
     def _train_step(self, batch: list[dict]) -> None:
+        start = time.perf_counter()
+        self._one_step(batch)
+        self._timing["step"].append(time.perf_counter() - start)
+
+    def _one_step(self, batch: list[dict]) -> None:
         trainer, args = self.trainer, self.trainer.args
         model = getattr(trainer, "model_wrapped", None) or trainer.model
         saved_accumulation = getattr(trainer, "current_gradient_accumulation_steps", None)
@@ -272,6 +280,15 @@ class ControllerCallback(TrainerCallback):
     # -------------------------------------------------------------------------------------------- objective
     def _objective(self) -> float:
         """Lower is better: the stage loss on the fixed validation batch, else the negated logged reward."""
+        start = time.perf_counter()
+        value = self._measure_objective()
+        self._timing["val"].append(time.perf_counter() - start)
+        if self.planner is not None and self._timing["step"]:
+            # charge what evaluations really cost (DPO's also runs the reference), measured against a train step
+            self.planner.val_cost = min(self._timing["val"]) / min(self._timing["step"])
+        return value
+
+    def _measure_objective(self) -> float:
         if self._val_batch is not None:
             trainer = self.trainer
             model = trainer.model
@@ -312,11 +329,15 @@ class ControllerCallback(TrainerCallback):
                                            generator=generator, collate_fn=trainer.data_collator, drop_last=True)
 
     def _val_cost(self) -> float:
-        """One validation pass, in training steps: a forward costs about a third of forward + backward."""
+        """A first guess of one validation pass in training steps (replaced by measurements once probes run).
+
+        A train step is forward + backward (~3 forwards) plus, for DPO, a reference forward: ~4 forward units per
+        example; a validation pass is policy + reference forward: ~2 units per example."""
         if self._val_batch is None:
             return 0.0
         args = self.trainer.args
-        return self.spec.val_batch_size / (3.0 * args.per_device_train_batch_size * args.gradient_accumulation_steps)
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        return self.spec.val_batch_size / (2.0 * batch)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _initial_layer_group(self) -> str:

@@ -50,14 +50,15 @@ class ProbePlanner:
         self.spent = float(state["spent"])
 
 
-def choose_candidate(scores: dict[float, float], tolerance: float = 1e-3) -> float:
-    """The factor with the lowest held-out score; within ``tolerance`` (relative) of it, the one nearest 1.
+def choose_candidate(scores: dict[float, float], tolerance: float = 1e-5) -> float:
+    """The factor with the lowest held-out score; among near-ties (within ``tolerance``, relative), the largest.
 
-    Preferring no change on near-ties keeps noise in the validation batch from driving the LR on a random walk.
+    Every candidate is scored on the same validation batch, so differences come from the weights alone. Candidates
+    tie when none of them moved the objective - the learning rate is too small to matter - and then the largest
+    step is the one that can make progress. A too-large LR never ties: it makes the objective worse.
     """
     finite = {f: s for f, s in scores.items() if math.isfinite(s)}
     if not finite:
-        return min(scores, key=lambda f: abs(math.log(f)))
+        return min(scores)
     best = min(finite.values())
-    near = [f for f, s in finite.items() if s <= best + abs(best) * tolerance]
-    return min(near, key=lambda f: abs(math.log(f)))
+    return max(f for f, s in finite.items() if s <= best + abs(best) * tolerance)
