@@ -308,6 +308,7 @@ class LogHistoryRecorder(TrainerCallback):
 
 def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     """Run (or skip, when finished) each stage in order; return each stage's metrics, keyed by stage name."""
+    log = logger.info if _is_main_process() else logger.debug  # one copy of the progress lines, not one per rank
     by_name = {s.name: s for s in pipeline.stages}
     old_record = pipeline.output_dir / PIPELINE_FILE
     previous = read_json(old_record) if old_record.is_file() else {}
@@ -319,7 +320,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     for stage in pipeline.stages:
         stale = sorted(set(stage.inputs.values()) & rebuilt)
         if is_finished(stage) and stage.name not in pipeline.force and not stale:
-            logger.info("Stage %s (%s): finished earlier in %s, skipping (force it to re-run).", stage.name,
+            log("Stage %s (%s): finished earlier in %s, skipping (force it to re-run).", stage.name,
                         stage.kind, stage.output_dir)
             results[stage.name] = _metrics_only(read_json(stage.output_dir / METRICS_FILE))
             record["stages"][stage.name] = {"kind": stage.kind, "status": "skipped", "seconds": 0.0}
@@ -328,7 +329,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
             continue
         _check_inputs(stage, by_name)
         why = "forced" if stage.name in pipeline.force else f"inputs rebuilt by {stale}" if stale else "not run yet"
-        logger.info("Stage %s (%s): running (%s) -> %s", stage.name, stage.kind, why, stage.output_dir)
+        log("Stage %s (%s): running (%s) -> %s", stage.name, stage.kind, why, stage.output_dir)
         start = time.perf_counter()
         try:
             history: list = []
@@ -343,7 +344,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
         seconds = time.perf_counter() - start
         rebuilt.add(stage.name)
         record["stages"][stage.name] = {"kind": stage.kind, "status": "ran", "seconds": round(seconds, 2)}
-        logger.info("Stage %s finished in %.1f s.", stage.name, seconds)
+        log("Stage %s finished in %.1f s.", stage.name, seconds)
 
     record["stage_plan"] = [{"name": s.name, "kind": s.kind, "inputs": s.inputs, "values": s.values}
                             for s in pipeline.stages]
