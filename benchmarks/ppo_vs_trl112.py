@@ -1,0 +1,232 @@
+"""Our PPO vs trl==1.12.0's ``trl.experimental.ppo.PPOTrainer`` (the last TRL with PPO), same task and budget.
+
+    python benchmarks/ppo_vs_trl112.py [--work_dir runs/bench_ppo] [--steps 60] [--repeats 1]
+
+Both trainers start from the built-in task's base policy with a LoRA adapter of the same shape, use the same
+reward model (our reward stage, merged so TRL can load it as a plain classifier), the same prompts, the same number
+of episodes, rollout batch, minibatches, PPO epochs, learning rate, response length, temperature, KL coefficient and
+missing-EOS penalty. TRL 1.12 runs in its own virtualenv (``.venv/trl112``, created on first use); each run is a
+fresh subprocess, ours and theirs alternating, timed around ``train()`` and measured for peak RSS.
+
+Afterwards both adapters are judged the same way, in this process: :func:`rlhf_lm.evaluation.evaluate_policy` on the
+held-out prompts with the gold reward (same seed and sampling for both). Writes
+``benchmarks/results/ppo_vs_trl112.json``: gold_reward_ours / gold_reward_trl, win-rates and KL vs the reference,
+wall_ratio (ours / theirs, median over repeats) and peak_mem_ratio (peak RSS, ours / theirs).
+
+Differences by design (each side's own defaults where the other has no equivalent): TRL 1.12 trains a separate,
+fully trainable value model initialised from the reward model; ours trains a value head on the policy's LoRA trunk.
+Ours normalises scores with running statistics (recipe setting); TRL 1.12 has no such option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv" / "trl112"
+TRL_PACKAGES = ["trl==1.12.0", "transformers==5.23.0", "torch==2.13.0", "peft", "datasets", "accelerate"]
+
+# Shared settings (both sides read these).
+COMMON = dict(learning_rate=3e-3, rollout_batch_size=64, minibatch_size=16, num_ppo_epochs=4, max_new_tokens=40,
+              temperature=1.0, kl_coef=0.05, missing_eos_penalty=1.0, lora_r=16, lora_alpha=32, seed=0)
+OURS_EXTRA = dict(normalize_scores=True, vf_coef=0.5)
+TRL_EXTRA = dict(vf_coef=0.1)  # TRL 1.12's default, for its separate value model
+
+TRL_WORKER = r'''
+import json, resource, sys, time
+import torch
+torch.set_num_threads(1)
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+spec = json.loads(sys.argv[1])
+c = spec["common"]
+set_seed(c["seed"])
+tok = AutoTokenizer.from_pretrained(spec["policy"], padding_side="left")
+policy = AutoModelForCausalLM.from_pretrained(spec["policy"], dtype=torch.float32)
+value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
+prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"])]
+ds = Dataset.from_dict({"input_ids": [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]})
+args = PPOConfig(
+    output_dir=spec["output_dir"], learning_rate=c["learning_rate"], lr_scheduler_type="constant",
+    per_device_train_batch_size=c["rollout_batch_size"], gradient_accumulation_steps=1,
+    num_mini_batches=c["rollout_batch_size"] // c["minibatch_size"], num_ppo_epochs=c["num_ppo_epochs"],
+    total_episodes=spec["steps"] * c["rollout_batch_size"], local_rollout_forward_batch_size=c["rollout_batch_size"],
+    response_length=c["max_new_tokens"], temperature=c["temperature"], kl_coef=c["kl_coef"],
+    missing_eos_penalty=c["missing_eos_penalty"], stop_token="eos", num_sample_generations=0, seed=c["seed"],
+    report_to="none", save_strategy="no", use_cpu=True, bf16=False, logging_steps=10, disable_tqdm=True,
+    **spec["extra"])
+peft_config = LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout=0.0, target_modules="all-linear",
+                         task_type="CAUSAL_LM")
+trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
+                     value_model=value, train_dataset=ds, peft_config=peft_config)
+start = time.perf_counter()
+trainer.train()
+wall = time.perf_counter() - start
+trainer.save_model(spec["output_dir"] + "/adapter")
+print("RESULT" + json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+'''
+
+
+def ours_worker(spec: dict) -> None:
+    """Train our PPO in this (fresh) process and print wall time and peak RSS."""
+    import torch
+
+    torch.set_num_threads(1)
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    from rlhf_lm.configs import ModelArguments
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
+    from rlhf_lm.ppo import PPOConfig, PPOTrainer
+    from rlhf_lm.rewards import load_reward
+
+    c = spec["common"]
+    set_seed(c["seed"])
+    tokenizer = load_tokenizer(spec["policy"], padding_side="left")
+    model = load_causal_lm(spec["policy"], dtype="float32")
+    model = get_peft_model(model, lora_config_from_args(ModelArguments(lora_r=c["lora_r"], lora_alpha=c["lora_alpha"])))
+    prompts = [json.loads(line)["prompt"] for line in open(spec["prompts"])]
+    args = PPOConfig(output_dir=spec["output_dir"], max_steps=spec["steps"], learning_rate=c["learning_rate"],
+                     lr_scheduler_type="constant", rollout_batch_size=c["rollout_batch_size"],
+                     per_device_train_batch_size=c["minibatch_size"], num_ppo_epochs=c["num_ppo_epochs"],
+                     max_new_tokens=c["max_new_tokens"], temperature=c["temperature"], kl_coef=c["kl_coef"],
+                     missing_eos_penalty=c["missing_eos_penalty"], seed=c["seed"], report_to="none",
+                     save_strategy="no", use_cpu=True, logging_steps=10, disable_tqdm=True, **spec["extra"])
+    trainer = PPOTrainer(model, args, tokenizer, load_reward(spec["reward"]), prompts)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    trainer.save_model(Path(spec["output_dir"]) / "adapter")
+    print("RESULT" + json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def ensure_trl112_venv() -> Path:
+    python = VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *TRL_PACKAGES], check=True)
+    check = subprocess.run([str(python), "-c", "import trl; from trl.experimental.ppo import PPOTrainer; "
+                            "print(trl.__version__)"], capture_output=True, text=True)
+    if check.returncode != 0 or check.stdout.strip() != "1.12.0":
+        raise SystemExit(f"{VENV} does not hold a working trl 1.12.0: {check.stderr[-500:]}")
+    return python
+
+
+def run_worker(cmd: list[str]) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"worker failed ({' '.join(cmd[:3])}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT"):])
+
+
+def prepare(work: Path) -> tuple[Path, Path]:
+    """The built-in task and a merged reward model trained on its noisy pairs (both reused when present)."""
+    from rlhf_lm.configs import config_from_dict
+    from rlhf_lm.stages import reward as reward_stage
+    from rlhf_lm.task import TaskConfig, build_task
+
+    task, rm = work / "task", work / "reward"
+    if not (task / "base_policy").is_dir():
+        build_task(task, TaskConfig(seed=0))
+    if not (rm / "metrics.json").is_file():
+        cfg = config_from_dict(reward_stage.CONFIG, dict(
+            model_name_or_path=str(task / "base_policy"), dataset_name=str(task / "data" / "pairs_train.jsonl"),
+            output_dir=str(rm), learning_rate=3e-3, num_train_epochs=2, per_device_train_batch_size=32,
+            max_length=128, save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True,
+            merge_adapter=True, report_to="none"), "the benchmark")
+        reward_stage.run(cfg)
+    return task, rm
+
+
+def evaluate(task: Path, rm: Path, adapter: Path) -> dict[str, float]:
+    from peft import PeftModel
+
+    from rlhf_lm.evaluation import evaluate_policy
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+    from rlhf_lm.rewards import load_reward
+
+    tokenizer = load_tokenizer(str(task / "base_policy"), padding_side="left")
+    policy = PeftModel.from_pretrained(load_causal_lm(str(task / "base_policy"), dtype="float32"), str(adapter))
+    prompts = [json.loads(line)["prompt"] for line in open(task / "data" / "prompts_eval.jsonl")]
+    return evaluate_policy(policy, tokenizer, prompts, load_reward(str(rm)), gold=True, seed=0,
+                           max_new_tokens=COMMON["max_new_tokens"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", default=str(ROOT / "runs" / "bench_ppo"))
+    parser.add_argument("--steps", type=int, default=60, help="PPO iterations (x rollout_batch_size episodes).")
+    parser.add_argument("--repeats", type=int, default=1, help="Alternating ours/theirs pairs for the timings.")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "ppo_vs_trl112.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return ours_worker(json.loads(args.worker))
+
+    import torch
+
+    torch.set_num_threads(1)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    trl_python = ensure_trl112_venv()
+    task, rm = prepare(work)
+    worker_file = work / "trl112_worker.py"
+    worker_file.write_text(TRL_WORKER)
+    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for rep in range(args.repeats):
+        for side in ("ours", "trl"):
+            spec = {"policy": str(task / "base_policy"), "reward": str(rm), "steps": args.steps,
+                    "prompts": str(task / "data" / "prompts_train.jsonl"), "common": COMMON,
+                    "extra": OURS_EXTRA if side == "ours" else TRL_EXTRA, "output_dir": str(work / f"{side}_{rep}")}
+            cmd = ([sys.executable, __file__, "--worker", json.dumps(spec)] if side == "ours"
+                   else [str(trl_python), str(worker_file), json.dumps(spec)])
+            result = run_worker(cmd)
+            runs[side].append(result)
+            print(side, rep, result, flush=True)
+
+    evals = {side: evaluate(task, rm, work / f"{side}_0" / "adapter") for side in ("ours", "trl")}
+
+    def median(values):
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    wall = {s: median([r["wall_s"] for r in runs[s]]) for s in runs}
+    mem = {s: max(r["peak_rss_mb"] for r in runs[s]) for s in runs}
+    result = {
+        "gold_reward_ours": evals["ours"]["eval/gold_reward/policy"],
+        "gold_reward_trl": evals["trl"]["eval/gold_reward/policy"],
+        "gold_reward_reference": evals["ours"]["eval/gold_reward/reference"],
+        "gold_win_rate_ours": evals["ours"]["eval/gold_win_rate"],
+        "gold_win_rate_trl": evals["trl"]["eval/gold_win_rate"],
+        "kl_ours": evals["ours"]["eval/kl"],
+        "kl_trl": evals["trl"]["eval/kl"],
+        "reward_model_score_ours": evals["ours"]["eval/reward/policy"],
+        "reward_model_score_trl": evals["trl"]["eval/reward/policy"],
+        "wall_s_ours": wall["ours"], "wall_s_trl": wall["trl"], "wall_ratio": wall["ours"] / wall["trl"],
+        "peak_rss_mb_ours": mem["ours"], "peak_rss_mb_trl": mem["trl"], "peak_mem_ratio": mem["ours"] / mem["trl"],
+        "runs": runs, "eval_ours": evals["ours"], "eval_trl": evals["trl"],
+        "settings": {"steps": args.steps, "episodes": args.steps * COMMON["rollout_batch_size"], "common": COMMON,
+                     "ours_extra": OURS_EXTRA, "trl_extra": TRL_EXTRA, "repeats": args.repeats},
+        "conditions": f"CPU, {os.cpu_count()} cores shared with other jobs, OMP_NUM_THREADS=1, torch "
+                      f"{torch.__version__}; timings alternate ours/theirs in fresh subprocesses",
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
