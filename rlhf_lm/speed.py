@@ -24,16 +24,20 @@ def pair_length(prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_i
 
 
 def add_length_column(dataset, column: str = LENGTH_COLUMN):
-    """Add ``length`` to a tokenized preference dataset (prompt_ids / chosen_ids / rejected_ids).
+    """Add ``length`` to a tokenized preference dataset: DPO's prompt_ids / chosen_ids / rejected_ids, or
+    RewardTrainer's chosen_ids / rejected_ids (each already holding the prompt).
 
-    With it, ``train_sampling_strategy="group_by_length"`` works for DPO; keep ``remove_unused_columns=False`` so the
-    column survives until the sampler reads it (TRL's collator ignores columns it does not know).
+    With it, ``train_sampling_strategy="group_by_length"`` works for these trainers; keep
+    ``remove_unused_columns=False`` so the column survives until the sampler reads it (TRL's collators ignore
+    columns they do not know).
     """
-    return dataset.map(
-        lambda batch: {column: [pair_length(p, c, r) for p, c, r in
-                                zip(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"])]},
-        batched=True,
-    )
+    has_prompt = "prompt_ids" in dataset.column_names
+
+    def lengths(batch):
+        prompts = batch["prompt_ids"] if has_prompt else [[]] * len(batch["chosen_ids"])
+        return {column: [pair_length(p, c, r) for p, c, r in zip(prompts, batch["chosen_ids"], batch["rejected_ids"])]}
+
+    return dataset.map(lengths, batched=True)
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, group_by_length: bool, seed: int = 0) -> list[int]:

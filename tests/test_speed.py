@@ -29,6 +29,13 @@ def test_padding_fraction_by_hand():
     assert padding_fraction([[3, 3], [1, 5]]) == pytest.approx(0.25)
 
 
+def test_length_column_for_dpo_and_reward_datasets():
+    dpo = Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]}])
+    reward = Dataset.from_list([{"chosen_ids": [1, 2, 3, 4], "rejected_ids": [5, 6]}])
+    assert add_length_column(dpo)[LENGTH_COLUMN] == [5]
+    assert add_length_column(reward)[LENGTH_COLUMN] == [4]
+
+
 def test_equal_lengths_never_pad_and_grouping_removes_most_padding():
     assert dpo_padding_fraction([7] * 40, [7] * 40, batch_size=4) == 0.0
     rng = random.Random(0)
