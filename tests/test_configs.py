@@ -35,6 +35,8 @@ def test_yaml_sets_defaults_and_flags_override(tmp_path):
     assert cfg.dataset_name == "data.jsonl"
     assert cfg.controller == {"policy": "rules"}
     assert cfg.use_peft is True and cfg.gradient_checkpointing is False and cfg.bf16 is False  # our defaults on CPU
+    assert cfg.dtype == "float32"  # bf16 base weights only when training in bf16
+
 
 
 @pytest.mark.parametrize(
