@@ -119,9 +119,10 @@ def _portable(value: Any, run_dir: Path) -> Any:
     if isinstance(value, list):
         return [_portable(v, run_dir) for v in value]
     if isinstance(value, str):
-        for root in {str(run_dir.resolve()), str(run_dir)}:
-            if value.startswith(root):
-                return "." + value[len(root):]
+        recorded = _read(run_dir / PIPELINE_FILE).get("output_dir")  # the path the pipeline was given
+        for root in sorted({str(run_dir.resolve()), str(run_dir), recorded or str(run_dir)}, key=len, reverse=True):
+            if value == root or value.startswith(root.rstrip("/") + "/"):
+                return "." + value[len(root.rstrip("/")):]
     return value
 
 
@@ -162,6 +163,19 @@ def _load_snippet(repo_id: str, stages: dict[str, Path], base: str) -> str:
     return "\n".join(lines)
 
 
+KEY_METRICS = ("eval/win_rate", "eval/gold_win_rate", "eval/gold_reward/policy", "eval/gold_reward/reference",
+               "eval/kl", "reward/accuracy", "reward/gold_accuracy", "objective/scores", "objective/kl",
+               "task/label_agreement")
+
+
+def _key_metrics(metrics_json: dict[str, Any], limit: int = 6) -> dict[str, float]:
+    """The headline numbers of a stage's metrics.json (flat, or nested under ``metrics``)."""
+    flat = {**metrics_json, **(metrics_json.get("metrics") or {})}
+    numbers = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    ordered = [k for k in KEY_METRICS if k in numbers] or sorted(numbers)
+    return {k: numbers[k] for k in ordered[:limit]}
+
+
 def model_card(run_dir: Path, repo_id: str) -> str:
     """The README.md for the pushed repo: YAML metadata for the Hub, then what was trained and how to use it."""
     from huggingface_hub import ModelCardData
@@ -182,8 +196,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
 
     rows = ["| stage | contents | key metrics |", "|---|---|---|"]
     for prefix, folder in stages.items():
-        shown = {k: v for k, v in metrics[prefix].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        top = ", ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:8])
+        top = ", ".join(f"{k}={v:.4g}" for k, v in _key_metrics(metrics[prefix]).items())
         rows.append(f"| `{prefix or '.'}` | {_describe(folder)} | {top} |")
     summary = _read(run_dir / "summary.json")
     recipe = {p["name"]: {"stage": p["kind"], **p["values"]} for p in plan} or configs
@@ -191,8 +204,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     parts = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        "Preference fine-tuning run made with [rlhf-lm](https://github.com/) (reward model, DPO / PPO with LoRA "
-        "on TRL).",
+        "Preference fine-tuning run made with rlhf-lm (reward model, DPO / PPO with LoRA on TRL and Accelerate).",
         "",
         f"- **Base model:** {base_text}",
         f"- **Datasets:** {', '.join(f'`{_portable(d, run_dir)}`' for d in datasets) or 'see the recipe'}",

@@ -315,8 +315,8 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     rebuilt: set[str] = set()
     results: dict[str, dict[str, Any]] = {}
     # The process group the stages really ran in (1 if torchrun ranks failed to join one group).
-    record: dict[str, Any] = {"source": pipeline.source, "num_processes": _distributed_state().num_processes,
-                              "stages": {}}
+    record: dict[str, Any] = {"source": pipeline.source, "output_dir": str(pipeline.output_dir),
+                              "num_processes": _distributed_state().num_processes, "stages": {}}
     for stage in pipeline.stages:
         stale = sorted(set(stage.inputs.values()) & rebuilt)
         if is_finished(stage) and stage.name not in pipeline.force and not stale:
