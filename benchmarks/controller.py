@@ -56,7 +56,7 @@ ONLINE = {"policy": "online", "interval": 8, "candidates": [0.1, 1.0, 10.0], "pr
           "compute_budget": 1.5, "val_batch_size": 32}
 RULES = {"policy": "rules", "interval": 8, "val_batch_size": 32}
 LEARNED = {"policy": "learned", "interval": 8, "val_batch_size": 32}
-TASK = TaskConfig(seed=3, num_pretrain_texts=1500, num_train_pairs=600, num_eval_pairs=192)
+TASK = TaskConfig(seed=3, num_pretrain_texts=1500, num_train_pairs=600, num_eval_pairs=320)
 
 
 def quiet() -> None:
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", type=float, nargs="+", default=LRS)
     parser.add_argument("--task_dir", default=None, help="reuse a built task (default: build one in a temp dir)")
     parser.add_argument("--no_gold", action="store_true")
+    parser.add_argument("--online", default=None, help="JSON overrides of the online controller's settings")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "controller.json"))
     args = parser.parse_args(argv)
     quiet()
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                                            pretrain_epochs=2)
     task = DpoTask(task_dir)
     gold = not args.no_gold
+    if args.online:
+        ONLINE.update(json.loads(args.online))
     controllers = {"rules": RULES, "online": ONLINE, "learned": LEARNED}
     per_seed = {}
     for seed in args.seeds:

@@ -304,3 +304,32 @@ def test_learned_policy_fits_saves_and_decides(tmp_path):
     assert small.lr_factor == 10.0 and large.lr_factor == 0.1
     with pytest.raises(ConfigError, match="train_learned"):
         LearnedPolicy.load(tmp_path / "missing.safetensors")
+
+
+def test_online_controller_in_reward_trainer(tiny_task_dir, tmp_path):
+    """The same callback drives TRL's RewardTrainer: its loss on held-out pairs is the objective it probes."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf_lm.modeling import load_sequence_classifier, load_tokenizer
+
+    base = str(tiny_task_dir / "base_policy")
+    tokenizer = load_tokenizer(base)
+    model = load_sequence_classifier(base, dtype="float32", pad_token_id=tokenizer.pad_token_id)
+    train = Dataset.from_json(str(tiny_task_dir / "data" / "pairs_train.jsonl"))
+    evaluation = Dataset.from_json(str(tiny_task_dir / "data" / "pairs_eval.jsonl"))
+    args = RewardConfig(output_dir=str(tmp_path), max_steps=6, learning_rate=1e-3, per_device_train_batch_size=8,
+                        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+                        disable_tqdm=True, gradient_checkpointing=False, max_length=64)
+    controller = build_callback({"policy": "online", "interval": 2, "probe_steps": 1, "compute_budget": 3.0,
+                                 "val_batch_size": 16, "layer_schedule": ["upper", "all"]}, "reward")
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"])
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
+                            processing_class=tokenizer, peft_config=lora, callbacks=[controller])
+    trainer.train()
+    assert controller.probes >= 1 and controller.decisions >= 2
+    assert all(math.isfinite(h["objective"]) for h in controller.history)
+    assert controller.layer_group == "all"  # the schedule moved on from 'upper' halfway
+    score = [p for n, p in trainer.model.named_parameters() if "score" in n and p.requires_grad]
+    assert score  # the reward head trains in every phase
