@@ -275,3 +275,16 @@ def test_dpo_learns_the_preferences_it_is_trained_on(tiny_task_dir, tmp_path):
     assert before["eval/implicit_margin"] == pytest.approx(0.0, abs=1e-6)
     assert after["eval/implicit_accuracy"] >= 0.65 and after["eval/implicit_margin"] > 0.1
     assert after["eval/dpo_loss"] < before["eval/dpo_loss"] - 0.05
+
+
+def test_token_cache_is_keyed_by_data_and_tokenizer(tiny_task_dir, tmp_path):
+    tok = load_tokenizer(str(tiny_task_dir / "base_policy"))
+    rows = [json.loads(line) for line in (tiny_task_dir / "data" / "pairs_train.jsonl").read_text().splitlines()]
+    first = tokenize_pairs(Dataset.from_list(rows[:30]), tok, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("dpo-pairs-*.arrow"))) == 1
+    again = tokenize_pairs(Dataset.from_list(rows[:30]), tok, cache_dir=tmp_path)  # same content: read back
+    assert len(list(tmp_path.glob("dpo-pairs-*.arrow"))) == 1 and again["chosen_ids"] == first["chosen_ids"]
+    tokenize_pairs(Dataset.from_list(rows[1:31]), tok, cache_dir=tmp_path)  # other data: a new entry
+    tok.chat_template = tok.chat_template + " "  # another tokenizer setup: a new entry too
+    tokenize_pairs(Dataset.from_list(rows[:30]), tok, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("dpo-pairs-*.arrow"))) == 3

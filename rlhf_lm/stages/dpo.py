@@ -86,6 +86,11 @@ class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Trainin
                           "Either way they are counted in metrics.json; a prompt that alone fills max_length is "
                           "always dropped."},
     )
+    cache_tokenized: bool = field(
+        default=True,
+        metadata={"help": "Keep tokenized pairs under $HF_DATASETS_CACHE/rlhf_lm, keyed by a hash of the data and the "
+                          "tokenizer, so reruns on the same data skip tokenization."},
+    )
     eval_prompts: str | None = field(
         default=None,
         metadata={"help": "Held-out prompts to sample policy and reference on after training (a prompt file or "
@@ -209,18 +214,41 @@ def _tokenize_batch(batch: dict[str, list], tokenizer) -> dict[str, list]:
     return out
 
 
-def tokenize_pairs(ds: Dataset, tokenizer, num_proc: int | None = None, batch_size: int = 1000) -> Dataset:
+TOKENIZATION_VERSION = "1"  # bump when _tokenize_batch changes, so cached results are not reused
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A content hash of everything that decides the token ids (vocabulary, merges, template, special tokens)."""
+    from datasets.fingerprint import Hasher
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else tokenizer
+    return Hasher.hash((type(tokenizer).__name__, state, tokenizer.eos_token, getattr(tokenizer, "chat_template", None),
+                        bool(getattr(tokenizer, "split_special_tokens", False))))
+
+
+def tokenize_pairs(ds: Dataset, tokenizer, num_proc: int | None = None, batch_size: int = 1000,
+                   cache_dir: str | Path | None = None) -> Dataset:
     """``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` exactly as TRL's DPOTrainer would compute them.
 
     TRL maps three single-row tokenizer calls (plus an EOS pass) over the data; here each batch goes through the
     fast tokenizer once per column, and a prompt shared by several pairs is tokenized once. That is where the
-    preprocessing speed-up comes from. ``datasets`` caches the result by fingerprint when the data is backed by a
-    cache file (Hub or disk datasets), so a rerun on the same data skips it.
+    preprocessing speed-up comes from. With ``cache_dir`` the result is stored under a fingerprint of the data's
+    content and the tokenizer, so the next run on the same data (another beta, another seed) reads it back instead.
     """
     if len(ds) == 0:
         return Dataset.from_dict({c: [] for c in TOKEN_COLUMNS})
+    cache = {}
+    if cache_dir is not None:
+        from datasets.fingerprint import Hasher
+
+        fingerprint = Hasher.hash((ds._fingerprint, tokenizer_fingerprint(tokenizer), TOKENIZATION_VERSION))
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache = dict(new_fingerprint=fingerprint, load_from_cache_file=True,
+                     cache_file_name=str(Path(cache_dir) / f"dpo-pairs-{fingerprint}.arrow"))
     return ds.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
-                  fn_kwargs={"tokenizer": tokenizer}, remove_columns=ds.column_names, desc="Tokenizing pairs")
+                  fn_kwargs={"tokenizer": tokenizer}, remove_columns=ds.column_names, desc="Tokenizing pairs",
+                  **cache)
 
 
 def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: DataReport) -> Dataset:
@@ -300,9 +328,18 @@ def load_pairs(cfg: DPOStageConfig) -> tuple[Dataset, Dataset | None, DataReport
     return train, eval_ds, report, eval_report
 
 
-def prepare_pairs(ds: Dataset, tokenizer, cfg: DPOStageConfig, report: DataReport, split: str) -> Dataset:
-    """Tokenize and length-limit one split, keeping only the token columns TRL trains on."""
-    tokenized = tokenize_pairs(ds, tokenizer, num_proc=cfg.dataset_num_proc)
+def token_cache_dir(cfg: DPOStageConfig) -> Path | None:
+    if not cfg.cache_tokenized:
+        return None
+    import datasets
+
+    return Path(datasets.config.HF_DATASETS_CACHE) / "rlhf_lm"
+
+
+def prepare_pairs(ds: Dataset, tokenizer, cfg: DPOStageConfig, report: DataReport, split: str,
+                  cache_dir: str | Path | None = None) -> Dataset:
+    """Tokenize (or read back from ``cache_dir``) and length-limit one split: the token columns TRL trains on."""
+    tokenized = tokenize_pairs(ds, tokenizer, num_proc=cfg.dataset_num_proc, cache_dir=cache_dir)
     tokenized = apply_length_limit(tokenized, cfg.max_length, cfg.length_mode, report)
     if len(tokenized) == 0:
         raise DataError(f"No {split} pairs left after the length limit ({report.summary()}). Raise max_length or "
@@ -365,8 +402,12 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
                                trust_remote_code=cfg.trust_remote_code, require_eos=True)
     train, eval_ds, report, eval_report = load_pairs(cfg)
-    train_tok = prepare_pairs(train, tokenizer, cfg, report, "training")
-    eval_tok = prepare_pairs(eval_ds, tokenizer, cfg, eval_report, "eval") if eval_ds is not None else None
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():  # rank 0 writes the token cache, the others then read it
+        cache = token_cache_dir(cfg)
+        train_tok = prepare_pairs(train, tokenizer, cfg, report, "training", cache)
+        eval_tok = prepare_pairs(eval_ds, tokenizer, cfg, eval_report, "eval", cache) if eval_ds is not None else None
     logger.info(report.summary())
     if eval_ds is not None:
         logger.info(eval_report.summary())
