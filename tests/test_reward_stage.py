@@ -19,6 +19,7 @@ from rlhf_lm.rewards import load_reward
 from rlhf_lm.stages import reward as reward_stage
 
 REPO = Path(__file__).resolve().parents[1]
+GOLD_ACCURACY_REACHED = 0.75  # the issue's target for the built-in task
 EVAL_METRICS = ["reward/accuracy", "reward/margin", "reward/ece", "reward/length_baseline_accuracy",
                 "reward/prefers_longer", "reward/length_corr"]
 
@@ -231,13 +232,45 @@ def test_margin_column_and_reward_centering_enter_the_loss(tiny_task_dir, tmp_pa
     assert centered > baseline + 0.05
 
 
-@pytest.mark.parametrize("arch", ["llama"])
-def test_stage_learns_on_the_builtin_task(task_dir, tmp_path, arch):
-    """A short LoRA run on part of the default task: clearly above chance on held-out pairs and against gold."""
-    metrics = reward_stage.run(stage_config(task_dir, tmp_path / "rm", max_train_samples=800, num_train_epochs=3,
-                                            per_device_train_batch_size=16, learning_rate=3e-3))
-    assert metrics["reward/gold_accuracy"] > 0.6
-    assert metrics["reward/accuracy"] > 0.55
+def test_stage_learns_a_clean_preference(tiny_task_dir, tmp_path):
+    """Noise-free pairs (positive vs negative adjective, same noun): a short LoRA run must get held-out pairs right,
+    on words combined in ways it never saw."""
+    import random
+
+    from rlhf_lm.task import NEGATIVE, POSITIVE, TOPICS
+
+    rng, nouns = random.Random(0), [n for ns in TOPICS.values() for n in ns]
+    train_nouns, eval_nouns = nouns[:36], nouns[36:]
+
+    def pairs(noun_pool, n):
+        rows = []
+        for _ in range(n):
+            a, b = rng.sample(noun_pool, 2)
+            rows.append({"prompt": f"Describe the {a} and the {b}.\n", "chosen": f"the {a} is {rng.choice(POSITIVE)} .",
+                         "rejected": f"the {a} is {rng.choice(NEGATIVE)} ."})
+        return rows
+
+    data = tmp_path / "clean"
+    data.mkdir()
+    for split, rows in (("train", pairs(train_nouns, 256)), ("eval", pairs(eval_nouns, 64))):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = reward_stage.run(stage_config(tiny_task_dir, tmp_path / "rm", dataset_name=str(data),
+                                            dataset_train_split="train", dataset_eval_split="eval",
+                                            num_train_epochs=3, learning_rate=5e-3, gold_metrics=False))
+    assert metrics["reward/accuracy"] >= 0.9, metrics
+    assert metrics["reward/margin"] > 0.5
+
+
+@pytest.mark.slow
+def test_builtin_task_recipe_reaches_gold_accuracy(task_dir, tmp_path):
+    """The recipe recipes/builtin/reward.yaml on the default task (the target run; see the recipe's header)."""
+    from rlhf_lm.configs import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "builtin" / "reward.yaml")
+    recipe.update(model_name_or_path=str(task_dir / "base_policy"), dataset_name=str(task_dir / "data"),
+                  output_dir=str(tmp_path / "rm"))
+    metrics = reward_stage.run(config_from_dict(reward_stage.RewardStageConfig, recipe, "recipe"))
+    assert metrics["reward/gold_accuracy"] >= GOLD_ACCURACY_REACHED, metrics
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
