@@ -56,3 +56,12 @@ def test_evaluate_needs_a_policy(tmp_path):
         run_evaluate(EvaluateStageConfig(output_dir=str(tmp_path / "eval")))
     with pytest.raises(ConfigError, match="beta"):
         EvaluateStageConfig(beta=0)
+
+
+def test_evaluate_a_full_finetune_against_the_model_it_started_from(tiny_task_dir, tmp_path):
+    trained = run_dpo(tiny_cfg(tiny_task_dir, tmp_path / "full", use_peft=False, max_steps=2, learning_rate=1e-4))
+    assert not (tmp_path / "full" / "adapter_config.json").exists()
+    metrics = run_evaluate(config_from_dict(EvaluateStageConfig, dict(
+        policy_path=str(tmp_path / "full"), output_dir=str(tmp_path / "eval"), num_prompts=8, max_new_tokens=12)))
+    for key in ("eval/gold_win_rate", "eval/kl", "eval/gold_reward/reference"):
+        assert metrics[key] == pytest.approx(trained[key], abs=1e-5), key

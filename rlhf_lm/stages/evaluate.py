@@ -6,7 +6,8 @@
 The policy is a stage's output: a LoRA adapter directory (its base read from ``adapter_config.json`` unless
 ``model_name_or_path`` is given) or a full model. The reference is, in order: ``reference_path`` - a LoRA adapter on
 the same base (loaded beside the policy's, no second copy of the base) or a full model; else, for an adapter policy,
-the adapter-free base; a full-model policy needs ``reference_path`` or ``model_name_or_path``.
+the adapter-free base; for a full model, ``model_name_or_path`` or else the model its training run started from
+(read from its ``metrics.json``).
 
 Writes ``metrics.json`` (win-rate, rewards, KL, gold on the built-in task; implicit-reward accuracy when ``pairs``
 is given) and ``samples.jsonl`` to ``output_dir``.
@@ -118,7 +119,9 @@ def load_models(cfg: EvaluateStageConfig):
         policy = load_causal_lm(cfg.policy_path, **kwargs)
     reference_path = cfg.reference_path
     if reference_path is None and not _is_adapter(cfg.policy_path):
-        reference_path = cfg.model_name_or_path
+        trained = _training_config(cfg.policy_path)  # a full fine-tune's reference is the model it started from
+        reference_path = (cfg.model_name_or_path or trained.get("ref_model_name_or_path")
+                          or trained.get("model_name_or_path"))
         if reference_path is None:
             raise ConfigError(f"{cfg.policy_path} is a full model: set reference_path (or model_name_or_path) to the "
                               "model it was fine-tuned from.")
