@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import inspect
 import logging
 import os
@@ -44,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import TrainerCallback
 
 from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
 from rlhf_lm.configs import load_recipe
@@ -190,6 +190,11 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
         if not isinstance(section, dict):
             raise ConfigError(f"{source}: section '{name}' must be a mapping of config keys, got {section!r}.")
 
+    for name in names:  # unknown kinds fail before any (heavy) stage module is imported
+        kind = sections.get(name, {}).get("stage", name)
+        if kind not in STAGE_MODULES and importlib.util.find_spec(kind.split(".")[0]) is None:
+            raise _unknown_stage(kind, source)
+
     # What is left at the top level: shared keys, or sections of stages that are not in `stages` (a mistake).
     shared = recipe
     plans: list[StagePlan] = []
@@ -292,18 +297,20 @@ def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None
     module = stage_module(stage.kind)
     cfg = config_from_dict(module.CONFIG, stage.values, f"section '{stage.name}' of {source}")
     if history is not None and "callbacks" in inspect.signature(module.run).parameters:
-        return module.run(cfg, callbacks=[LogHistoryRecorder(history)]) or {}
+        return module.run(cfg, callbacks=[log_history_recorder(history)]) or {}
     return module.run(cfg) or {}
 
 
-class LogHistoryRecorder(TrainerCallback):
-    """Keeps a copy of the trainer's log history (the training curves) for stages that do not save it themselves."""
+def log_history_recorder(into: list):
+    """A TrainerCallback that copies the trainer's log history (the training curves) into ``into`` at the end, for
+    stages that do not save it themselves. (Built here so importing the pipeline stays light.)"""
+    from transformers import TrainerCallback
 
-    def __init__(self, into: list):
-        self.into = into
+    class LogHistoryRecorder(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            into[:] = list(state.log_history)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.into[:] = list(state.log_history)
+    return LogHistoryRecorder()
 
 
 def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:

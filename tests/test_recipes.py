@@ -49,7 +49,7 @@ def test_recipe_parses_and_has_its_launch_command(path, tmp_path):
         for stage in plan.stages:  # each stage's resolved values build its config (all checks in __post_init__)
             config_from_dict(stage_module(stage.kind).CONFIG, stage.values, f"{rel} [{stage.name}]")
     else:
-        (command, _), = {c for c in commands if c[0] in STAGE_MODULES}
+        (command, _), = {c for c in commands if c[0] in STAGE_MODULES and c[1] == rel}
         cfg = parse_config(stage_module(command).CONFIG, ["--config", str(path)])
         for key, value in recipe.items():  # the recipe's numbers reached the config (stages may normalise strings)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
