@@ -195,9 +195,7 @@ class ClassifierReward:
         if has_adapter:
             from peft import PeftModel
 
-            base = base_model or json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-            if not base:
-                raise ArtifactError(f"{path / ADAPTER_CONFIG} names no base model; pass base_model=.")
+            base = base_model or _find_base(path)
             from trl.trainer.reward_trainer import suppress_seqcls_warning
 
             with suppress_seqcls_warning():  # the base has no score head yet: the adapter brings it
@@ -254,6 +252,22 @@ class ClassifierReward:
 
     def __repr__(self) -> str:
         return f"ClassifierReward({self.name}, normalize={self.normalize})"
+
+
+def _find_base(path: Path) -> str:
+    """The adapter's base model: as PEFT recorded it (relative to the working directory at training time, or a Hub
+    id), else where the reward stage recorded it relative to the artifact, so a moved run folder still loads."""
+    recorded = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    metrics = path / METRICS_FILE
+    relative = json.loads(metrics.read_text()).get("base_model_relative") if metrics.is_file() else None
+    candidates = [c for c in (recorded, str(path / relative) if relative else None) if c]
+    for candidate in candidates:
+        if Path(candidate).is_dir():
+            return candidate
+    if recorded and not recorded.startswith((".", "/", "~")) and recorded.count("/") <= 1:
+        return recorded  # a Hub id
+    raise ArtifactError(f"Cannot find the base model of the adapter in {path}; tried {candidates}. Pass "
+                        "base_model= (or load_reward(spec, base_model=...)) with its location.")
 
 
 def _read_stats(path: Path) -> dict[str, float]:

@@ -294,3 +294,23 @@ def test_real_hh_rlhf_pairs_decoder_and_encoder_backbones(hh_pairs_path, tmp_pat
     saved = json.loads((out / METRICS_FILE).read_text())
     assert saved["data"]["train"]["rows_in"] == 1800 and saved["reward_std"] > 0
     assert load_reward(str(out))(["\n\nHuman: hi\n\nAssistant:"], [" Hello! How can I help?"]).shape == (1,)
+
+
+def test_moved_run_folder_still_finds_its_base(lora_rm, tiny_task_dir, tmp_path, monkeypatch):
+    """PEFT records the base path as given at training time; the artifact also records it relative to itself."""
+    import shutil
+
+    out, _, _ = lora_rm
+    rel = json.loads((out / METRICS_FILE).read_text())["base_model_relative"]
+    moved = tmp_path / "a" / "b" / "reward"
+    shutil.copytree(out, moved)
+    shutil.copytree(tiny_task_dir / "base_policy", (moved / rel).resolve())
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "runs/task/base_policy"  # relative to a working directory we are not in
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    p, c = ["Describe the cat and the dog.\n"], ["the cat is happy ."]
+    assert torch.allclose(load_reward(str(moved))(p, c), load_reward(str(out))(p, c), atol=1e-6)
+    shutil.rmtree((moved / rel).resolve())
+    with pytest.raises(RlhfError, match="Cannot find the base model"):
+        load_reward(str(moved))

@@ -16,6 +16,7 @@ training responses (``reward_mean`` / ``reward_std``, for normalising downstream
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -225,8 +226,11 @@ def _measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_repo
         shutil.rmtree(checkpoint, ignore_errors=True)
     config = cfg.to_dict()
     config.pop("logging_dir", None)
+    base = Path(cfg.model_name_or_path)
+    # Where the base is relative to the artifact, so the pair of folders can move together (see ClassifierReward).
+    relative = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve()) if is_peft and base.is_dir() else None
     write_json(stage / METRICS_FILE, {
-        "metrics": metrics, "reward_mean": reward_mean, "reward_std": reward_std,
+        "metrics": metrics, "reward_mean": reward_mean, "reward_std": reward_std, "base_model_relative": relative,
         "data": {"train": report.as_dict(), "eval": eval_report.as_dict()}, "config": config,
         "log_history": trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
     })
