@@ -32,6 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import trl
+from accelerate import PartialState
 from datasets import Dataset
 
 from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
@@ -396,14 +397,12 @@ def _resume_path(cfg: DPOStageConfig, stage: Path) -> str | None:
 
 # ------------------------------------------------------------------------------------------------------- run
 def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
-    """Load data and model and build the DPOTrainer; returns (trainer, tokenizer, data reports, eval text pairs)."""
+    """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
                                trust_remote_code=cfg.trust_remote_code, require_eos=True)
     train, eval_ds, report, eval_report = load_pairs(cfg)
-    from accelerate import PartialState
-
     with PartialState().main_process_first():  # rank 0 writes the token cache, the others then read it
         cache = token_cache_dir(cfg)
         train_tok = prepare_pairs(train, tokenizer, cfg, report, "training", cache)
@@ -428,8 +427,6 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
 
 def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     """Train, evaluate against the reference, and write the artifact to ``cfg.output_dir``."""
-    from accelerate import PartialState
-
     state = PartialState()
     final_dir = cfg.output_dir
     staging = staged_output(final_dir) if state.is_main_process else nullcontext(partial_dir(final_dir))
