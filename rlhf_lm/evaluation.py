@@ -362,7 +362,8 @@ def implicit_reward_accuracy(policy, tokenizer, pairs, beta: float, *, reference
     ``pairs`` has ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (``rlhf_lm.stages.dpo.tokenize_pairs``). The
     implicit reward is ``beta * (sum log pi(y|x) - sum log pi_ref(y|x))`` over the completion tokens, as in TRL's
     DPOTrainer; this is what ``rlhf-lm evaluate`` uses for a saved policy (inside a training run the stage reads the
-    same numbers from ``DPOTrainer.evaluate()``; the tests check that the two agree).
+    same numbers from ``DPOTrainer.evaluate()``; the tests check that the two agree). TRL averages per-batch means,
+    so when the last eval batch is smaller than the others its numbers differ slightly from these per-pair means.
     """
     if len(pairs) == 0:
         raise DataError("implicit_reward_accuracy got no pairs.")
