@@ -83,9 +83,7 @@ def files_to_push(run_dir: Path) -> list[tuple[Path, str]]:
             if path.name.endswith(".tmp") or path.name == "README.md":
                 continue
             out.append((path, f"{prefix}/{rel}" if prefix else rel))
-    if (run_dir / PIPELINE_FILE).is_file():
-        out.append((run_dir / PIPELINE_FILE, PIPELINE_FILE))
-    for extra in ("summary.json", "training_curves.png"):
+    for extra in ("summary.json", "training_curves.png", "samples.jsonl"):
         if (run_dir / extra).is_file():
             out.append((run_dir / extra, extra))
     return out
@@ -245,6 +243,11 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = True, token: 
     card = model_card(run_dir, repo_id).encode()
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for path, rel in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+    if (run_dir / PIPELINE_FILE).is_file():  # the run record, with local paths made relative to the run
+        record = _portable(_read(run_dir / PIPELINE_FILE), run_dir)
+        record["source"] = str(record.get("source", "")).split("/")[-1]  # the recipe's file name, not its path
+        operations.append(CommitOperationAdd(path_in_repo=PIPELINE_FILE,
+                                             path_or_fileobj=json.dumps(record, indent=2).encode()))
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.create_commit(repo_url.repo_id, operations=operations,

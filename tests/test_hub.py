@@ -178,3 +178,5 @@ def test_push_to_hub_from_a_pipeline_recipe(tmp_path):
         assert {"pipeline.json", "README.md", "task/base_policy/model.safetensors", "task/metrics.json"} <= set(
             repo.files)
         assert TOKEN not in proc.stdout + proc.stderr
+        record = repo.files["pipeline.json"].decode()  # the run record is pushed without local paths
+        assert str(tmp_path) not in record and json.loads(record)["stage_plan"][0]["values"]["output_dir"] == "./task"
