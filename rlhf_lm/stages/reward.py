@@ -240,5 +240,8 @@ def _measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_repo
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(RewardStageConfig, argv)
     metrics = run(cfg)
-    print(f"Reward model written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"Reward model written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return 0
