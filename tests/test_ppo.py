@@ -134,6 +134,19 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_task_dir, tmp_path):
     assert resumed.counters == full.counters
 
 
+def test_controller_callback_steers_ppo(tiny_task_dir, tmp_path):
+    """The hyperparameter controller reaches PPO's optimizer and live KL coefficient through the callback events."""
+    from rlhf_lm.controller import build_callback
+
+    callback = build_callback({"policy": "rules", "interval": 1, "control_beta": True, "kl_target": 0.01},
+                              stage="ppo")
+    trainer = make_trainer(tiny_task_dir, tmp_path, callbacks=[callback], max_steps=4, kl_coef=0.05, kl_estimator="k3")
+    trainer.train()
+    assert callback.trainer is trainer
+    assert trainer.kl_ctl.value != 0.05  # steered towards its KL target
+    assert any(k.startswith("controller/") for h in trainer.state.log_history for k in h)
+
+
 # -------------------------------------------------------------------------------------------------- bad input
 def test_long_prompts_are_dropped_and_counted(tiny_task_dir, tmp_path):
     prompts = read_prompts(tiny_task_dir / "data" / "prompts_train.jsonl")[:40]

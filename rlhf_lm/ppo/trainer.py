@@ -241,10 +241,16 @@ class PPOTrainer:
                         mean_entropy = masked_mean(entropy, mask[idx])
                         loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * mean_entropy
                         acc.backward(loss)
-                        if acc.sync_gradients and args.max_grad_norm:
-                            stats["ppo/grad_norm"].append(
-                                acc.clip_grad_norm_(self.unwrapped.trainable_parameters(), args.max_grad_norm))
+                        if acc.sync_gradients:
+                            self.control = self.callback_handler.on_pre_optimizer_step(
+                                args, self.state, self.control, trainer=self)
+                            if args.max_grad_norm:
+                                stats["ppo/grad_norm"].append(
+                                    acc.clip_grad_norm_(self.unwrapped.trainable_parameters(), args.max_grad_norm))
                         self.optimizer.step()
+                        if acc.sync_gradients:
+                            self.control = self.callback_handler.on_optimizer_step(
+                                args, self.state, self.control, trainer=self)
                         self.optimizer.zero_grad()
                     if acc.sync_gradients:
                         self.lr_scheduler.step()
