@@ -228,22 +228,21 @@ def test_ppo_beats_the_reference_judged_by_gold(task_dir, tmp_path):
     policy vs its reference (adapters off) on held-out prompts, judged by the gold reward."""
     from peft import PeftModel
 
-    from rlhf_lm.configs import config_from_dict, parse_config
+    from rlhf_lm.configs import parse_config
     from rlhf_lm.evaluation import evaluate_policy
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer
     from rlhf_lm.rewards import load_reward
     from rlhf_lm.stages import ppo
     from rlhf_lm.stages import reward as reward_stage
 
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "builtin"
     rm = tmp_path / "reward"
-    reward_stage.run(config_from_dict(reward_stage.CONFIG, dict(
-        model_name_or_path=str(task_dir / "base_policy"), dataset_name=str(task_dir / "data" / "pairs_train.jsonl"),
-        output_dir=str(rm), learning_rate=3e-3, num_train_epochs=2, per_device_train_batch_size=32, max_length=128,
-        save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True), "the test"))
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "builtin" / "ppo.yaml"
+    reward_stage.run(parse_config(reward_stage.CONFIG, [
+        "--config", str(recipes / "reward.yaml"), "--model_name_or_path", str(task_dir / "base_policy"),
+        "--dataset_name", str(task_dir / "data"), "--output_dir", str(rm), "--use_cpu", "true"]))
     out = tmp_path / "ppo"
     metrics = ppo.run(parse_config(ppo.CONFIG, [
-        "--config", str(recipe), "--model_name_or_path", str(task_dir / "base_policy"),
+        "--config", str(recipes / "ppo.yaml"), "--model_name_or_path", str(task_dir / "base_policy"),
         "--dataset_name", str(task_dir / "data" / "prompts_train.jsonl"), "--reward_model", str(rm),
         "--output_dir", str(out), "--use_cpu", "true"]))
     assert math.isfinite(metrics["objective/kl"])
