@@ -214,27 +214,25 @@ class ControllerCallback(TrainerCallback):
         start = self._snapshot()
         batches = [self._next_probe_batch() for _ in range(self.spec.probe_steps)]
         scores, states = {}, {}
-        for factor in self.spec.candidates:
+        for factor in self.spec.candidates:  # scores are keyed by the nominal factor; bounds apply to the LR
             start.restore(self.params, self._optimizer, self._scheduler)
-            factor = self._clip_lr_factor(factor)
             for group in self._optimizer.param_groups:
-                group["lr"] = group["lr"] * factor
+                group["lr"] = group["lr"] * self._clip_lr_factor(factor)
             for batch in batches:
                 self._train_step(batch)
             scores[factor] = self._objective()
             if scores[factor] == min(scores.values()):
                 states[factor] = self._snapshot()
                 states = {factor: states[factor]}
-        scores = {f: s for f, s in scores.items()}
         best = self._broadcast(self.commit_rule(scores))
         states.get(best, start).restore(self.params, self._optimizer, self._scheduler)
         if best not in states:  # a near-tie went to the factor nearest 1: replay it rather than keep another's state
             for group in self._optimizer.param_groups:
-                group["lr"] = group["lr"] * best
+                group["lr"] = group["lr"] * self._clip_lr_factor(best)
             for batch in batches:
                 self._train_step(batch)
             for group in self._optimizer.param_groups:
-                group["lr"] = group["lr"] / best
+                group["lr"] = group["lr"] / self._clip_lr_factor(best)
             self.planner.charge(self.spec.probe_steps)
         self.planner.charge(self.planner.probe_cost())
         if saved_metrics is not None:

@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=int, default=8)
     parser.add_argument("--output", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--records", default=None, help="also write the relabelled probe records (JSON)")
+    parser.add_argument("--init_records", nargs="*", default=[],
+                        help="probe records of earlier runs of this script to train on as well (data aggregation)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TaskConfig(seed=task_seed, num_pretrain_texts=1500, num_train_pairs=600, num_eval_pairs=192)
         tasks.append(DpoTask(build_task(Path(tempfile.mkdtemp(prefix="ctl-train-")) / "task", cfg,
                                         pretrain_epochs=2)))
-    records: list[dict] = []
-    policy = None
+    records: list[dict] = [r for path in args.init_records for r in json.loads(Path(path).read_text())]
+    policy = fit_q(*relabel(records, ACTIONS)) if records else None
     start = time.perf_counter()
     for round_index in range(args.rounds):
         for i in range(args.episodes):
@@ -128,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             epsilon = 0.3 if policy is None else 0.2
             new = episode(tasks[i % len(tasks)], lr, seed, args.steps, args.interval, policy, epsilon, rng)
             records.extend(new)
+            if args.records:  # keep what was collected even if a later episode fails
+                Path(args.records).write_text(json.dumps(records))
             print(f"round {round_index} episode {i} lr {lr:.2e}: {len(new)} probes "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)
         x, y = relabel(records, ACTIONS)
