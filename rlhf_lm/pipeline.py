@@ -39,7 +39,9 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,12 +292,40 @@ def _wait_for_everyone() -> None:
     _distributed_state().wait_for_everyone()
 
 
-def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None = None) -> dict[str, float]:
-    """Build one stage's config from its values (through its own dataclass checks) and run it in this process."""
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _numbers_from_strings(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """PyYAML reads ``1e-4`` (no dot) as a string; give numeric fields numbers, as TrlParser does for stage recipes."""
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # an annotation that cannot be resolved: leave the values to the dataclass checks
+        return values
+    out = dict(values)
+    for key, value in values.items():
+        if not (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+            continue
+        kinds = set(typing.get_args(hints.get(key))) or {hints.get(key)}
+        if float in kinds:
+            out[key] = float(value)
+        elif int in kinds and float(value).is_integer():
+            out[key] = int(float(value))
+    return out
+
+
+def build_config(stage: StagePlan, source: str = "the recipe"):
+    """A stage's config object from its resolved values, through the stage dataclass's own checks."""
     from rlhf_lm.configs import config_from_dict
 
+    config_cls = stage_module(stage.kind).CONFIG
+    return config_from_dict(config_cls, _numbers_from_strings(config_cls, stage.values),
+                            f"section '{stage.name}' of {source}")
+
+
+def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None = None) -> dict[str, float]:
+    """Build one stage's config and run the stage in this process."""
     module = stage_module(stage.kind)
-    cfg = config_from_dict(module.CONFIG, stage.values, f"section '{stage.name}' of {source}")
+    cfg = build_config(stage, source)
     if history is not None and "callbacks" in inspect.signature(module.run).parameters:
         return module.run(cfg, callbacks=[log_history_recorder(history)]) or {}
     return module.run(cfg) or {}

@@ -137,3 +137,12 @@ def test_cli_prints_one_line_error(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Unknown stage 'rewrd'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_yaml_scientific_notation_becomes_a_number():
+    """PyYAML reads `1e-3` (no dot) as a string; numeric config fields still get a float (as TrlParser gives)."""
+    from rlhf_lm.pipeline import build_config
+
+    plan = plan_pipeline({"stages": ["task"], "task": {"label_temperature": "3e-1", "num_train_pairs": "1e2"}})
+    cfg = build_config(plan.stages[0])
+    assert cfg.label_temperature == 0.3 and cfg.num_train_pairs == 100 and isinstance(cfg.num_train_pairs, int)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_lm.configs import load_recipe, parse_config
-from rlhf_lm.pipeline import STAGE_MODULES, plan_pipeline, stage_module
+from rlhf_lm.pipeline import STAGE_MODULES, build_config, plan_pipeline, stage_module
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -44,10 +44,8 @@ def test_recipe_parses_and_has_its_launch_command(path, tmp_path):
     if "stages" in recipe:
         plan = plan_pipeline(recipe, source=rel, output_dir=str(tmp_path / "run"))
         assert [s.name for s in plan.stages] == [str(s) for s in recipe["stages"]]
-        from rlhf_lm.configs import config_from_dict
-
         for stage in plan.stages:  # each stage's resolved values build its config (all checks in __post_init__)
-            config_from_dict(stage_module(stage.kind).CONFIG, stage.values, f"{rel} [{stage.name}]")
+            build_config(stage, rel)
     else:
         (command, _), = {c for c in commands if c[0] in STAGE_MODULES and c[1] == rel}
         cfg = parse_config(stage_module(command).CONFIG, ["--config", str(path)])
