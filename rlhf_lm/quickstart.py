@@ -118,6 +118,9 @@ def _process_start() -> float:
 def main(argv: list[str] | None = None) -> int:
     start = _process_start()
     argv = list(argv or [])
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return 0
     if not any(a.split("=")[0] in ("--output_dir", "--output-dir") for a in argv):
         argv += ["--output_dir", DEFAULT_OUTPUT_DIR]
     recipe, _, output_dir = parse_args(["--config", str(recipe_path()), *argv])
