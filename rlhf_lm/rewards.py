@@ -132,6 +132,11 @@ def load_reward(spec, **kwargs) -> RewardModel:
         if not callable(obj):
             raise RewardError(f"Reward spec '{spec}' resolved to a {type(obj).__name__}, which is not callable. "
                               "Point it at a class or function with __call__(prompts, completions).")
+        if not getattr(obj, "name", None):  # consumers name the reward in errors (check_rewards): use the spec
+            try:
+                obj.name = spec
+            except AttributeError:  # __slots__ or a read-only property: errors then use the class name
+                pass
         return obj
     tried.append("'module:Name' or 'file.py:Name' (no ':' in the spec)")
     raise RewardError(f"Cannot resolve reward spec '{spec}'. Tried: {'; '.join(tried)}.")

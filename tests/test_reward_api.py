@@ -138,6 +138,9 @@ def test_load_reward_resolves_every_spec_kind(tmp_path):
     assert fn(["p", "p"], ["ab", "abcd"]).tolist() == [-2.0, -4.0]
     const = load_reward(f"{tmp_path}/my_rewards.py:Constant", value=3.0)
     assert const(["p"], ["x"]).tolist() == [3.0]
+    assert const.name == f"{tmp_path}/my_rewards.py:Constant"  # so a consumer's error names the spec
+    with pytest.raises(RewardError, match="my_rewards.py:Constant returned shape"):
+        check_rewards(const(["p", "p"], ["x", "y"])[:1], 2, const.name)
     assert isinstance(load_reward("gold"), GoldReward)
     dotted = load_reward("rlhf_lm.task:gold_reward")
     assert dotted(["Describe the cat and the dog.\n"], ["the cat is happy ."]).shape == (1,)

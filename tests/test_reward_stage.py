@@ -207,6 +207,34 @@ def test_bad_stage_inputs_fail_clearly(overrides, error, fragment, tiny_task_dir
     assert not (tmp_path / "x").exists()
 
 
+def test_backbone_tokenizer_without_eos_or_pad(tiny_task_dir, tmp_path):
+    """No EOS, SEP or pad token: the stage says so and names the fix; following the fix (eos_token) works."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(x)["chosen"] for x in (tiny_task_dir / "data" / "pairs_train.jsonl").open()]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<end>"]))
+    backbone = tmp_path / "bare"
+    shutil.copytree(tiny_task_dir / "base_policy", backbone)
+    for f in backbone.glob("tokenizer*"):
+        f.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(backbone)
+    with pytest.raises(ConfigError, match="no EOS, SEP or pad token") as info:
+        reward_stage.run(stage_config(tiny_task_dir, tmp_path / "x", model_name_or_path=str(backbone), max_steps=1))
+    assert str(backbone) in str(info.value) and "eos_token" in str(info.value)
+    with pytest.raises(ConfigError, match="not in the vocabulary"):
+        reward_stage.run(stage_config(tiny_task_dir, tmp_path / "x", model_name_or_path=str(backbone), max_steps=1,
+                                      eos_token="<nope>"))
+    metrics = reward_stage.run(stage_config(tiny_task_dir, tmp_path / "ok", model_name_or_path=str(backbone),
+                                            max_steps=1, eos_token="<end>"))
+    assert "reward/accuracy" in metrics
+    assert load_reward(str(tmp_path / "ok")).tokenizer.eos_token == "<end>"
+
+
 def test_cli_prints_one_line_errors(tmp_path, capsys):
     from rlhf_lm.cli import main
 

@@ -37,7 +37,13 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, filter_by_length, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError
-from rlhf_lm.modeling import count_parameters, load_sequence_classifier, load_tokenizer, lora_config_from_args
+from rlhf_lm.modeling import (
+    count_parameters,
+    ensure_special_tokens,
+    load_sequence_classifier,
+    load_tokenizer,
+    lora_config_from_args,
+)
 from rlhf_lm.reward_model import ClassifierReward, preference_metrics
 
 logger = logging.getLogger(__name__)
@@ -119,6 +125,32 @@ def evaluate_pairs(reward: ClassifierReward, pairs, gold: bool = False) -> dict[
     return preference_metrics(r_c, r_r, lens_c, lens_r, gold_c, gold_r)
 
 
+def load_reward_tokenizer(cfg: RewardStageConfig):
+    """The backbone's tokenizer with the EOS token RewardTrainer appends (``eos_token`` in the recipe wins; BERT-style
+    tokenizers use SEP) and a pad token; a clear ConfigError when neither can be found."""
+    source = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    try:
+        tokenizer = load_tokenizer(source, padding_side="right", trust_remote_code=cfg.trust_remote_code)
+    except ConfigError:  # neither pad nor EOS: fine only if the recipe names the EOS token to use
+        if cfg.eos_token is None:
+            raise ConfigError(f"The tokenizer of {source} has no EOS, SEP or pad token; RewardTrainer ends every "
+                              "text with EOS and the classifier reads its score there. Set eos_token in the recipe "
+                              "to a token of its vocabulary.") from None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer.padding_side = "right"
+    if cfg.eos_token is not None:
+        if cfg.eos_token not in tokenizer.get_vocab():
+            raise ConfigError(f"eos_token '{cfg.eos_token}' is not in the vocabulary of the tokenizer of {source}. "
+                              "Choose one of its tokens.")
+        tokenizer.eos_token = cfg.eos_token
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = cfg.eos_token
+    ensure_special_tokens(tokenizer, source=source, require_eos=True)
+    return tokenizer
+
+
 def _resume_path(cfg: RewardStageConfig, stage: Path) -> str | None:
     resume = cfg.resume_from_checkpoint
     if resume in (None, False, "", "false", "False"):
@@ -139,8 +171,7 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the reward backbone (a causal LM / encoder directory or Hub id).")
     state = PartialState()
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
-                               trust_remote_code=cfg.trust_remote_code, require_eos=True)
+    tokenizer = load_reward_tokenizer(cfg)
     set_seed(cfg.seed)  # the fresh score head is random: seed it
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point, not a problem
         model = load_sequence_classifier(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
