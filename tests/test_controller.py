@@ -333,3 +333,16 @@ def test_online_controller_in_reward_trainer(tiny_task_dir, tmp_path):
     assert controller.layer_group == "all"  # the schedule moved on from 'upper' halfway
     score = [p for n, p in trainer.model.named_parameters() if "score" in n and p.requires_grad]
     assert score  # the reward head trains in every phase
+
+
+def test_shipped_learned_weights_load_and_run_in_a_trainer(dpo_task):
+    from rlhf_lm.controller.policies.learned import DEFAULT_WEIGHTS, LearnedPolicy
+
+    assert DEFAULT_WEIGHTS.is_file() and DEFAULT_WEIGHTS.stat().st_size < 64_000  # KB, not MB
+    policy = LearnedPolicy.load()
+    assert policy.feature_names and policy.factors == [0.1, 0.3, 1.0, 3.0, 10.0]
+    controller = build_callback({"policy": "learned", "interval": 2, "val_batch_size": 16}, "dpo")
+    trainer, _ = _run(dpo_task, controller, steps=4, lr=1e-3)
+    trainer.train()
+    assert controller.decisions == 1 and controller.history[0]["lr_factor"] in policy.factors
+    assert controller.lr_multiplier == pytest.approx(controller.history[0]["lr_factor"])

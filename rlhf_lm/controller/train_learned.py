@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--interval", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0, help="seed of starting LRs and exploration; run seeds follow")
     parser.add_argument("--output", default=str(DEFAULT_WEIGHTS))
     parser.add_argument("--records", default=None, help="also write the relabelled probe records (JSON)")
     parser.add_argument("--init_records", nargs="*", default=[],
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.logging.set_verbosity_error()
     datasets.utils.logging.disable_progress_bar()
-    rng = random.Random(0)
+    rng = random.Random(args.seed)
     tasks = []
     for task_seed in TASK_SEEDS:
         cfg = TaskConfig(seed=task_seed, num_pretrain_texts=1500, num_train_pairs=600, num_eval_pairs=192)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_index in range(args.rounds):
         for i in range(args.episodes):
             lr = math.exp(rng.uniform(math.log(1e-5), math.log(3e-2)))
-            seed = RUN_SEED_OFFSET + round_index * args.episodes + i
+            seed = RUN_SEED_OFFSET + 1000 * args.seed + round_index * args.episodes + i
             epsilon = 0.3 if policy is None else 0.2
             new = episode(tasks[i % len(tasks)], lr, seed, args.steps, args.interval, policy, epsilon, rng)
             records.extend(new)
