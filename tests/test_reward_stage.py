@@ -196,6 +196,7 @@ BAD_CONFIGS = [
     ({"max_length": 4}, DataError, "max_length"),
     ({"dataset_name": "/nonexistent/pairs.jsonl"}, DataError, "/nonexistent/pairs.jsonl"),
     ({"model_name_or_path": "/nonexistent/model"}, RlhfError, "/nonexistent/model"),
+    ({"controller": {"polcy": "rules"}}, ConfigError, "Did you mean 'policy'"),  # the controller is wired in
 ]
 
 
