@@ -28,6 +28,8 @@ class PPOConfig(TrainingArguments):
 
     # rollouts
     rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per PPO iteration per process."})
+    per_device_eval_batch_size: int = field(
+        default=64, metadata={"help": "Sequences per no-grad forward pass in rollouts (logprobs, reference, values)."})
     max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per completion."})
     max_prompt_length: int = field(
         default=512, metadata={"help": "Prompts with more tokens than this are dropped (and counted)."})

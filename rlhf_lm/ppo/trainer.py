@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 PPO_STATE = "ppo_state.pt"
+LAST_VALUE_KEYS = ("ppo/episode", "ppo/missing_eos_total", "objective/kl_coef", "learning_rate")
 
 
 def tokenize_prompts(prompts: list, tokenizer, max_prompt_length: int,
@@ -187,7 +188,8 @@ class PPOTrainer:
             state.epoch = state.global_step * state.train_batch_size / len(self.prompts)
             self.control = self.callback_handler.on_step_end(args, state, self.control, trainer=self)
             if self.control.should_log or self.control.should_training_stop:
-                last_logs = {k: float(np.mean(v)) for k, v in pending.items()}
+                # averages since the last log, except running totals and the current KL coefficient / LR
+                last_logs = {k: float(v[-1] if k in LAST_VALUE_KEYS else np.mean(v)) for k, v in pending.items()}
                 self.log(last_logs)
                 pending.clear()
             if self.control.should_evaluate and self.eval_prompts:
