@@ -346,3 +346,29 @@ def test_shipped_learned_weights_load_and_run_in_a_trainer(dpo_task):
     trainer.train()
     assert controller.decisions == 1 and controller.history[0]["lr_factor"] in policy.factors
     assert controller.lr_multiplier == pytest.approx(controller.history[0]["lr_factor"])
+
+
+def test_adaptive_kl_rule_steers_our_ppo_trainers_live_kl_coefficient(tiny_task_dir, tmp_path):
+    from peft import get_peft_model
+
+    from rlhf_lm.configs import ModelArguments
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
+    from rlhf_lm.ppo import PPOConfig, PPOTrainer
+    from rlhf_lm.rewards import GoldReward
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(str(tiny_task_dir / "base_policy"), padding_side="left")
+    model = get_peft_model(load_causal_lm(str(tiny_task_dir / "base_policy"), dtype="float32"),
+                           lora_config_from_args(ModelArguments(lora_r=4, lora_alpha=8)))
+    prompts = [json.loads(line)["prompt"] for line in
+               (tiny_task_dir / "data" / "prompts_train.jsonl").read_text().splitlines()[:32]]
+    controller = build_callback({"policy": "rules", "interval": 1, "control_lr": False, "control_beta": True,
+                                 "kl_target": 1e-4, "kl_horizon": 1.0}, "ppo")
+    args = PPOConfig(output_dir=str(tmp_path), max_steps=4, rollout_batch_size=16, per_device_train_batch_size=8,
+                     max_new_tokens=16, learning_rate=3e-3, logging_steps=1, use_cpu=True, disable_tqdm=True,
+                     report_to="none", save_strategy="no", seed=0, kl_coef=0.05)
+    trainer = PPOTrainer(model, args, tokenizer, GoldReward(), prompts, callbacks=[controller])
+    trainer.train()
+    factors = [h["beta_factor"] for h in controller.history]
+    assert any(f != 1.0 for f in factors)  # the KL was logged and the rule acted on it
+    assert trainer.kl_ctl.value == pytest.approx(0.05 * math.prod(factors))

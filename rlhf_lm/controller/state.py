@@ -26,7 +26,7 @@ FEATURES = (
     "log_beta_multiplier",
     "accuracy",          # stage accuracy (reward / DPO implicit reward), centred at 0.5
     "margin",            # tanh of the stage margin
-    "kl_over_budget",    # log(KL / kl_target) when both exist
+    "kl_over_budget",    # KL / kl_target - 1 when both exist (clipped to [-1, 10])
     "clipfrac",
     "val_change",        # relative change of the held-out objective since the last decision
     "val_vs_best",       # log(held-out objective / best seen)
@@ -132,7 +132,8 @@ def compute_features(t: SignalTracker, progress: float, lr_multiplier: float, be
         "log_beta_multiplier": math.log(beta_multiplier),
         "accuracy": t.last.get("accuracy", 0.5) - 0.5,
         "margin": math.tanh(t.last.get("margin", 0.0)),
-        "kl_over_budget": _log_ratio(kl, kl_target) if kl_target else 0.0,
+        # KL / target - 1 (0 = on target), not a log: the k1 KL estimate can be zero or negative early on
+        "kl_over_budget": min(max(kl / kl_target - 1.0, -1.0), 10.0) if kl is not None and kl_target else 0.0,
         "clipfrac": t.last.get("clipfrac", 0.0),
         "val_change": max(min(val_change, 10.0), -10.0),
         "val_vs_best": _log_ratio(vals[-1], best) if vals else 0.0,

@@ -61,8 +61,8 @@ class RulesPolicy:
                 decision.lr_factor = self.factor
                 reasons.append("plateau")
         if self.kl_target and features.get("kl_over_budget"):
-            kl_ratio = math.exp(features["kl_over_budget"])
-            decision.beta_factor = adaptive_kl_factor(kl_ratio * self.kl_target, self.kl_target, self.kl_horizon)
+            kl = (features["kl_over_budget"] + 1.0) * self.kl_target
+            decision.beta_factor = adaptive_kl_factor(kl, self.kl_target, self.kl_horizon)
             reasons.append("adaptive_kl")
         decision.layer_group = layer_phase(self.layer_schedule, features.get("progress", 0.0))
         decision.reason = "+".join(reasons)
