@@ -230,9 +230,11 @@ def test_online_probe_commits_best_within_budget(dpo_task):
     trainer, _ = _run(dpo_task, controller, steps=12, lr=1e-4)
     trainer.train()
     assert controller.probes >= 1
-    for record in controller.probe_records:
+    for record, decision in zip(controller.probe_records, [h for h in controller.history if "probe" in h["reason"]]):
         scores = {float(f): s for f, s in record["scores"].items()}
         assert record["chosen"] == choose_candidate(scores)
+        expected = record["chosen"] ** 0.5 if record["chosen"] > 1 else record["chosen"]  # increase_damping
+        assert decision["lr_factor"] == pytest.approx(expected)
     assert controller.planner.spent <= 1.0 * 12 + 1e-9
     assert controller.lr_multiplier == pytest.approx(math.prod(h["lr_factor"] for h in controller.history))
 
@@ -344,7 +346,8 @@ def test_shipped_learned_weights_load_and_run_in_a_trainer(dpo_task):
     controller = build_callback({"policy": "learned", "interval": 2, "val_batch_size": 16}, "dpo")
     trainer, _ = _run(dpo_task, controller, steps=4, lr=1e-3)
     trainer.train()
-    assert controller.decisions == 1 and controller.history[0]["lr_factor"] in policy.factors
+    damped = [f ** 0.5 if f > 1 else f for f in policy.factors]  # increases are damped by default
+    assert controller.decisions == 1 and controller.history[0]["lr_factor"] in damped
     assert controller.lr_multiplier == pytest.approx(controller.history[0]["lr_factor"])
 
 

@@ -22,7 +22,9 @@ def make_policy(spec: ControllerSpec) -> Any:
     from rlhf_lm.controller.policies import LearnedPolicy, RulesPolicy
 
     if spec.policy == "learned":
-        return LearnedPolicy.load(spec.weights)
+        policy = LearnedPolicy.load(spec.weights)
+        policy.increase_damping = spec.increase_damping
+        return policy
     # online uses the rules between probes (plateau / adaptive KL / layer schedule)
     return RulesPolicy(spec.plateau_patience, spec.plateau_factor, spec.plateau_threshold, spec.control_lr,
                        spec.kl_target, spec.kl_horizon, spec.layer_schedule)

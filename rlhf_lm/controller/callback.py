@@ -241,7 +241,10 @@ class ControllerCallback(TrainerCallback):
         self.probe_records.append({"features": features, "objective": objective,
                                    "scores": {str(f): s for f, s in scores.items()}, "chosen": best})
         self._pending_logs["controller/probe_best"] = scores[best]
-        return Decision(lr_factor=best, reason=f"probe {', '.join(f'{f:g}:{s:.4g}' for f, s in scores.items())}")
+        # the kept weights trained at the winning factor; the LR from here on takes an increase only part way
+        committed = best ** self.spec.increase_damping if best > 1.0 else best
+        return Decision(lr_factor=committed,
+                        reason=f"probe {', '.join(f'{f:g}:{s:.4g}' for f, s in scores.items())}")
 
     def _train_step(self, batch: list[dict]) -> None:
         start = time.perf_counter()

@@ -45,6 +45,10 @@ class ControllerSpec:
     probe_steps: int = field(default=4, metadata={"help": "Optimizer steps each candidate trains during a probe."})
     probe_every: int | None = field(
         default=None, metadata={"help": "Probe at every n-th decision (None = as often as compute_budget allows)."})
+    increase_damping: float = field(
+        default=0.5,
+        metadata={"help": "Online: a winning factor f > 1 is committed as f ** increase_damping. Probes of a few steps "
+                          "favour large steps (short-horizon bias), so increases are taken part way; 1 = off."})
     compute_budget: float = field(
         default=1.5, metadata={"help": "Online: most compute, in units of one run without the controller."})
     val_batch_size: int = field(default=32, metadata={"help": "Held-out examples in the fixed validation batch."})
@@ -63,6 +67,8 @@ class ControllerSpec:
             raise ConfigError(f"controller.plateau_factor must be in (0, 1), got {self.plateau_factor}.")
         if not self.candidates or any(c <= 0 for c in self.candidates):
             raise ConfigError(f"controller.candidates must be positive LR factors, got {self.candidates}.")
+        if not 0.0 < self.increase_damping <= 1.0:
+            raise ConfigError(f"controller.increase_damping must be in (0, 1], got {self.increase_damping}.")
         if self.compute_budget < 1.0:
             raise ConfigError(f"controller.compute_budget is in units of one run and must be >= 1, "
                               f"got {self.compute_budget}.")

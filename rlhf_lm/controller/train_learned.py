@@ -73,7 +73,8 @@ def episode(task, lr: float, seed: int, steps: int, interval: int, policy: Learn
     from rlhf_lm.controller import build_callback
 
     spec = {"policy": "online", "interval": interval, "candidates": ACTIONS, "probe_steps": 3,
-            "compute_budget": 100.0, "probe_every": 1, "val_batch_size": 32, "seed": seed}
+            "compute_budget": 100.0, "probe_every": 1, "val_batch_size": 32, "seed": seed,
+            "increase_damping": 1.0}
     callback = build_callback(spec, stage="dpo")
 
     def commit(scores: dict[float, float]) -> float:

@@ -42,6 +42,7 @@ class LearnedPolicy:
                  mean: torch.Tensor, std: torch.Tensor):
         self.network, self.factors, self.feature_names = network.eval(), list(factors), list(feature_names)
         self.mean, self.std = mean, std
+        self.increase_damping = 1.0  # set from the spec: its values come from short probes, like the online policy's
 
     @torch.no_grad()
     def values(self, features: dict[str, float]) -> torch.Tensor:
@@ -51,6 +52,8 @@ class LearnedPolicy:
     def decide(self, features: dict[str, float]) -> Decision:
         q = self.values(features)
         factor = self.factors[int(q.argmax())]
+        if factor > 1.0:
+            factor = factor ** self.increase_damping
         return Decision(lr_factor=factor, reason=f"learned(q={q.max().item():.3g})")
 
     def state_dict(self) -> dict[str, Any]:
