@@ -11,7 +11,7 @@ fresh subprocess, ours and theirs alternating, timed around ``train()`` and meas
 Afterwards both adapters are judged the same way, in this process: :func:`rlhf_lm.evaluation.evaluate_policy` on the
 held-out prompts with the gold reward (same seed and sampling for both). Writes
 ``benchmarks/results/ppo_vs_trl112.json``: gold_reward_ours / gold_reward_trl, win-rates and KL vs the reference,
-wall_ratio (ours / theirs, median over repeats) and peak_mem_ratio (peak RSS, ours / theirs).
+wall_ratio (ours / theirs, of the median wall times over repeats) and peak_mem_ratio (peak RSS, ours / theirs).
 
 Differences by design (each side's own defaults where the other has no equivalent): TRL 1.12 trains a separate,
 fully trainable value model initialised from the reward model; ours trains a value head on the policy's LoRA trunk.
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -134,20 +135,19 @@ def run_worker(cmd: list[str]) -> dict:
 
 def prepare(work: Path) -> tuple[Path, Path]:
     """The built-in task and a merged reward model trained on its noisy pairs (both reused when present)."""
-    from rlhf_lm.configs import config_from_dict
     from rlhf_lm.stages import reward as reward_stage
     from rlhf_lm.task import TaskConfig, build_task
 
     task, rm = work / "task", work / "reward"
     if not (task / "base_policy").is_dir():
         build_task(task, TaskConfig(seed=0))
-    if not (rm / "metrics.json").is_file():
-        cfg = config_from_dict(reward_stage.CONFIG, dict(
-            model_name_or_path=str(task / "base_policy"), dataset_name=str(task / "data" / "pairs_train.jsonl"),
-            output_dir=str(rm), learning_rate=3e-3, num_train_epochs=2, per_device_train_batch_size=32,
-            max_length=128, save_strategy="no", eval_strategy="no", disable_tqdm=True, use_cpu=True,
-            merge_adapter=True, report_to="none"), "the benchmark")
-        reward_stage.run(cfg)
+    if not (rm / "metrics.json").is_file():  # the builtin reward recipe, merged so TRL loads a plain classifier
+        from rlhf_lm.configs import parse_config
+
+        reward_stage.run(parse_config(reward_stage.CONFIG, [
+            "--config", str(ROOT / "recipes" / "builtin" / "reward.yaml"),
+            "--model_name_or_path", str(task / "base_policy"), "--dataset_name", str(task / "data"),
+            "--output_dir", str(rm), "--merge_adapter", "true", "--use_cpu", "true"]))
     return task, rm
 
 
@@ -199,11 +199,7 @@ def main() -> None:
 
     evals = {side: evaluate(task, rm, work / f"{side}_0" / "adapter") for side in ("ours", "trl")}
 
-    def median(values):
-        values = sorted(values)
-        return values[len(values) // 2]
-
-    wall = {s: median([r["wall_s"] for r in runs[s]]) for s in runs}
+    wall = {s: statistics.median([r["wall_s"] for r in runs[s]]) for s in runs}
     mem = {s: max(r["peak_rss_mb"] for r in runs[s]) for s in runs}
     result = {
         "gold_reward_ours": evals["ours"]["eval/gold_reward/policy"],
@@ -216,6 +212,7 @@ def main() -> None:
         "reward_model_score_ours": evals["ours"]["eval/reward/policy"],
         "reward_model_score_trl": evals["trl"]["eval/reward/policy"],
         "wall_s_ours": wall["ours"], "wall_s_trl": wall["trl"], "wall_ratio": wall["ours"] / wall["trl"],
+        "wall_ratio_per_pair": [a["wall_s"] / b["wall_s"] for a, b in zip(runs["ours"], runs["trl"])],
         "peak_rss_mb_ours": mem["ours"], "peak_rss_mb_trl": mem["trl"], "peak_mem_ratio": mem["ours"] / mem["trl"],
         "runs": runs, "eval_ours": evals["ours"], "eval_trl": evals["trl"],
         "settings": {"steps": args.steps, "episodes": args.steps * COMMON["rollout_batch_size"], "common": COMMON,
