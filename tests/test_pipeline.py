@@ -38,7 +38,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_artifacts_flow_and_finished_stages_are_skipped(tmp_path):
+def test_artifacts_flow_and_finished_stages_are_skipped(tmp_path, caplog):
     run_dir = tmp_path / "run"
     plan = plan_pipeline(recipe(run_dir))
     task, score = plan.stages
@@ -60,6 +60,18 @@ def test_artifacts_flow_and_finished_stages_are_skipped(tmp_path):
     assert statuses(run_dir) == {"task": "skipped", "score": "skipped"}
     assert again["score"]["score/rows"] == 40
     assert (run_dir / "score" / "metrics.json").stat().st_mtime_ns == mtime
+
+    # a finished stage is kept even when the recipe changed, with a warning that names the changed keys
+    changed = recipe(run_dir)
+    changed["score"]["tag"] = "new"
+    with caplog.at_level("WARNING", logger="rlhf_lm.pipeline"):
+        run_pipeline(plan_pipeline(changed))
+    assert statuses(run_dir) == {"task": "skipped", "score": "skipped"}
+    assert "['tag']" in caplog.text and "--force score" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf_lm.pipeline"):  # still told on the next run: nothing re-ran
+        run_pipeline(plan_pipeline(changed))
+    assert "['tag']" in caplog.text
 
     # forcing one stage re-runs it alone; forcing the task re-runs everything that consumed its artifacts
     run_pipeline(plan_pipeline(recipe(run_dir, force=["score"])))
