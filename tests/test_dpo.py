@@ -288,3 +288,24 @@ def test_token_cache_is_keyed_by_data_and_tokenizer(tiny_task_dir, tmp_path):
     tok.chat_template = tok.chat_template + " "  # another tokenizer setup: a new entry too
     tokenize_pairs(Dataset.from_list(rows[:30]), tok, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("dpo-pairs-*.arrow"))) == 3
+
+
+def test_real_multi_turn_dialogues_tokenize_like_trl_and_long_ones_are_counted(hh_pairs_path, tiny_task_dir):
+    """HH-RLHF dialogues: the same token ids as TRL, and every pair over max_length counted, by mode."""
+    from rlhf_lm.data import load_rows, normalize_preferences
+
+    tok = load_tokenizer(str(tiny_task_dir / "base_policy"))
+    rows = load_rows(hh_pairs_path)
+    rows.dataset = rows.dataset.select(range(200))
+    pairs, _ = normalize_preferences(rows, "hh_rlhf")
+    ours = tokenize_pairs(pairs, tok)
+    theirs = _trl_tokenized(pairs, tok)
+    assert ours["chosen_ids"] == theirs["chosen_ids"] and ours["prompt_ids"] == theirs["prompt_ids"]
+    for mode in ("drop", "truncate"):
+        report = DataReport(source="hh", rows_in=len(ours))
+        kept = apply_length_limit(ours, 256, mode, report)
+        counted = sum(report.dropped.values()) + (sum(report.truncated.values()) if mode == "truncate" else 0)
+        prompt_drops = report.dropped.get("prompt alone has >= max_length=256 tokens", 0)
+        assert counted > 0 and report.rows_out == len(kept) == len(ours) - sum(report.dropped.values())
+        assert len(kept) == len(ours) - prompt_drops - (0 if mode == "truncate" else
+                                                        report.dropped["pair over max_length=256"])
