@@ -157,6 +157,15 @@ def _load_snippet(repo_id: str, stages: dict[str, Path], base: str) -> str:
                       "from rlhf_lm.reward_model import ClassifierReward",
                       f"reward = ClassifierReward.from_pretrained({sub})",
                       'scores = reward(["Describe the cat.\\n"], ["the cat is happy ."])']
+        elif any("ForCausalLM" in a for a in _read(folder / "config.json").get("architectures") or []):
+            lines += ["", f"# {prefix or 'policy'}: a fully fine-tuned policy",
+                      f"policy = AutoModelForCausalLM.from_pretrained({sub})",
+                      f"tokenizer = AutoTokenizer.from_pretrained({sub})"]
+        if any(folder.glob("value_head*.safetensors")):
+            head = next(folder.glob("value_head*.safetensors")).name
+            lines += [f'# {prefix or "ppo"}: the value head (a state dict for the trunk\'s last hidden state)',
+                      "from safetensors.torch import load_file",
+                      f'value_head = load_file({sub} + "/{head}")']
     lines.append("```")
     return "\n".join(lines)
 
