@@ -230,3 +230,25 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, total
+
+
+def quantization_kwargs(args) -> dict:
+    """``from_pretrained`` kwargs for QLoRA (``load_in_4bit`` / ``load_in_8bit`` in ModelArguments), else ``{}``.
+
+    Uses TRL's helpers for the bitsandbytes config and device map; fails early, naming the key, where a quantized
+    base cannot work (no GPU, bitsandbytes missing, or a full fine-tune).
+    """
+    if not (getattr(args, "load_in_4bit", False) or getattr(args, "load_in_8bit", False)):
+        return {}
+    key = "load_in_4bit" if args.load_in_4bit else "load_in_8bit"
+    if not args.use_peft:
+        raise ConfigError(f"{key} needs use_peft: true: quantized base weights are frozen, only LoRA adapters train.")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key} (QLoRA) needs a CUDA GPU for bitsandbytes; unset it to train on this machine.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"{key} needs bitsandbytes: pip install 'rlhf-lm[quantization]'.") from e
+    from trl import get_kbit_device_map, get_quantization_config
+
+    return {"quantization_config": get_quantization_config(args), "device_map": get_kbit_device_map()}

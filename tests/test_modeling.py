@@ -12,6 +12,7 @@ from rlhf_lm.modeling import (
     load_sequence_classifier,
     load_tokenizer,
     lora_config_from_args,
+    quantization_kwargs,
     train_tokenizer,
 )
 
@@ -69,3 +70,12 @@ def test_lora_config_from_args():
     cfg = lora_config_from_args(ModelArguments(lora_r=4), task_type="SEQ_CLS", modules_to_save=["score"])
     assert cfg.r == 4 and cfg.target_modules == "all-linear" and cfg.modules_to_save == ["score"]
     assert lora_config_from_args(ModelArguments(use_peft=False)) is None
+
+
+def test_qlora_fails_early_where_it_cannot_work():
+    assert quantization_kwargs(ModelArguments()) == {}
+    with pytest.raises(ConfigError, match="load_in_4bit needs use_peft: true"):
+        quantization_kwargs(ModelArguments(load_in_4bit=True, use_peft=False))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"load_in_4bit \(QLoRA\) needs a CUDA GPU"):
+            quantization_kwargs(ModelArguments(load_in_4bit=True))

@@ -46,7 +46,13 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError
-from rlhf_lm.modeling import count_parameters, load_causal_lm, load_tokenizer, lora_config_from_args
+from rlhf_lm.modeling import (
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config_from_args,
+    quantization_kwargs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -367,7 +373,7 @@ def load_policy(cfg: DPOStageConfig):
     """(policy, ref_model, peft_config) as DPOTrainer wants them for LoRA, LoRA-on-SFT, or a full fine-tune."""
     kwargs = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                   allow_pickle_weights=cfg.allow_pickle_weights)
-    policy = load_causal_lm(cfg.model_name_or_path, **kwargs)
+    policy = load_causal_lm(cfg.model_name_or_path, **kwargs, **quantization_kwargs(cfg))
     if cfg.sft_adapter_path:
         from peft import PeftModel
 

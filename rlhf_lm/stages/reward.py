@@ -43,6 +43,7 @@ from rlhf_lm.modeling import (
     load_sequence_classifier,
     load_tokenizer,
     lora_config_from_args,
+    quantization_kwargs,
 )
 from rlhf_lm.reward_model import ClassifierReward, preference_metrics
 
@@ -175,7 +176,7 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
     set_seed(cfg.seed)  # the fresh score head is random: seed it
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point, not a problem
         model = load_sequence_classifier(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                         allow_pickle_weights=cfg.allow_pickle_weights)
+                                         allow_pickle_weights=cfg.allow_pickle_weights, **quantization_kwargs(cfg))
     head = _head_name(model)
 
     limit = getattr(model.config, "max_position_embeddings", None)
