@@ -52,7 +52,7 @@ from rlhf_lm.controller.snapshot import Snapshot  # noqa: E402
 from rlhf_lm.task import TaskConfig, build_task  # noqa: E402
 
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
-ONLINE = {"policy": "online", "interval": 8, "candidates": [0.1, 1.0, 10.0], "probe_steps": 2,
+ONLINE = {"policy": "online", "interval": 8, "candidates": [0.1, 1.0, 10.0], "probe_steps": 3,
           "compute_budget": 1.5, "val_batch_size": 32}
 RULES = {"policy": "rules", "interval": 8, "val_batch_size": 32}
 LEARNED = {"policy": "learned", "interval": 8, "val_batch_size": 32}
@@ -83,7 +83,7 @@ def run_one(task: DpoTask, lr: float, seed: int, steps: int, beta: float, schedu
                    compute_steps=(steps + (callback.planner.spent if callback.planner else 0.0)) / steps,
                    final_lr=lr * callback.lr_multiplier)
     if gold:
-        out.update(task.gold_objective(trainer, seed=seed))
+        out.update(task.gold_objective(trainer, num_prompts=32, seed=seed))
     return out
 
 
@@ -123,7 +123,7 @@ def run_pbt(task: DpoTask, seed: int, steps: int, beta: float, ready: int, quant
     out = {"test_loss": task.test_loss(members[best].trainer), "best_member_lr": lrs[best], "wall_s": wall,
            "events": events, "crashed": not math.isfinite(final[best])}
     if gold:
-        out.update(task.gold_objective(members[best].trainer, seed=seed))
+        out.update(task.gold_objective(members[best].trainer, num_prompts=32, seed=seed))
     return out
 
 
@@ -153,27 +153,22 @@ def main(argv: list[str] | None = None) -> int:
     task_dir = args.task_dir or build_task(Path(tempfile.mkdtemp(prefix="ctl-bench-")) / "task", TASK,
                                            pretrain_epochs=2)
     task = DpoTask(task_dir)
-    gold = not args.no_gold
     if args.online:
         ONLINE.update(json.loads(args.online))
     controllers = {"rules": RULES, "online": ONLINE, "learned": LEARNED}
     per_seed = {}
     for seed in args.seeds:
         runs: dict[str, list[dict]] = {m: [] for m in args.methods if m != "pbt"}
+        interleaved = [m for m in runs if m != "learned"]
         for lr in args.lrs:  # interleaved: every method from this LR before the next LR
-            for method in runs:
-                kw = dict(seed=seed, steps=args.steps, beta=args.beta, gold=gold)
-                if method == "cosine":
-                    kw["scheduler"] = "cosine"
-                elif method in controllers:
-                    kw["controller"] = controllers[method]
-                r = run_one(task, lr, **kw)
-                runs[method].append(r)
-                print(f"seed {seed} lr {lr:g} {method:8s} test {r['test_loss']:.4f} wall {r['wall_s']:.1f}s "
-                      f"x{r.get('lr_multiplier', 1.0):.3g}", flush=True)
+            for method in interleaved:
+                runs[method].append(run_method(task, method, lr, seed, args, controllers))
         if "pbt" in args.methods:
-            runs["pbt"] = [run_pbt(task, seed, args.steps, args.beta, ready=max(args.steps // 5, 1), gold=gold)]
+            runs["pbt"] = [run_pbt(task, seed, args.steps, args.beta, ready=max(args.steps // 5, 1),
+                                   gold=not args.no_gold)]
             print(f"seed {seed} pbt test {runs['pbt'][0]['test_loss']:.4f} wall {runs['pbt'][0]['wall_s']:.1f}s")
+        for lr in args.lrs if "learned" in runs else []:  # last: its weights come from a separate script
+            runs["learned"].append(run_method(task, "learned", lr, seed, args, controllers))
         per_seed[seed] = runs
 
     result = summarise_all(per_seed, args)
@@ -182,6 +177,18 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.output).write_text(json.dumps(result, indent=2, default=float))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2, default=float))
     return 0
+
+
+def run_method(task: DpoTask, method: str, lr: float, seed: int, args, controllers: dict) -> dict:
+    kw = dict(seed=seed, steps=args.steps, beta=args.beta, gold=not args.no_gold)
+    if method == "cosine":
+        kw["scheduler"] = "cosine"
+    elif method in controllers:
+        kw["controller"] = controllers[method]
+    r = run_one(task, lr, **kw)
+    print(f"seed {seed} lr {lr:g} {method:8s} test {r['test_loss']:.4f} wall {r['wall_s']:.1f}s "
+          f"x{r.get('lr_multiplier', 1.0):.3g}", flush=True)
+    return r
 
 
 def summarise_all(per_seed: dict, args) -> dict:
