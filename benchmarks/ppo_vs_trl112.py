@@ -11,7 +11,8 @@ fresh subprocess, ours and theirs alternating, timed around ``train()`` and meas
 Afterwards both adapters are judged the same way, in this process: :func:`rlhf_lm.evaluation.evaluate_policy` on the
 held-out prompts with the gold reward (same seed and sampling for both). Writes
 ``benchmarks/results/ppo_vs_trl112.json``: gold_reward_ours / gold_reward_trl, win-rates and KL vs the reference,
-wall_ratio (ours / theirs, of the median wall times over repeats) and peak_mem_ratio (peak RSS, ours / theirs).
+wall_ratio (ours / theirs, of the median wall times over repeats), cpu_ratio (the same for CPU seconds of the training
+process, which other jobs on a shared machine do not inflate) and peak_mem_ratio (peak RSS, ours / theirs).
 
 Differences by design (each side's own defaults where the other has no equivalent): TRL 1.12 trains a separate,
 fully trainable value model initialised from the reward model; ours trains a value head on the policy's LoRA trunk.
@@ -49,6 +50,16 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+def tensor_mb(modules, optimizer) -> float:
+    """MB held by the parameters of ``modules`` and the optimizer's state, each storage counted once."""
+    seen, total = set(), 0
+    tensors = [p for m in modules for p in m.parameters()]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
 spec = json.loads(sys.argv[1])
 c = spec["common"]
 set_seed(c["seed"])
@@ -71,12 +82,28 @@ peft_config = LoraConfig(r=c["lora_r"], lora_alpha=c["lora_alpha"], lora_dropout
                          task_type="CAUSAL_LM")
 trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward,
                      value_model=value, train_dataset=ds, peft_config=peft_config)
-start = time.perf_counter()
+cpu0, start = time.process_time(), time.perf_counter()
 trainer.train()
-wall = time.perf_counter() - start
+wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
 trainer.save_model(spec["output_dir"] + "/adapter")
-print("RESULT" + json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print("RESULT" + json.dumps({"wall_s": wall, "cpu_s": cpu,
+                             "model_and_optimizer_mb": tensor_mb([trainer.model, trainer.reward_model], trainer.optimizer),
+                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 '''
+
+
+def tensor_mb(modules, optimizer) -> float:
+    """MB held by the parameters of ``modules`` and the optimizer's state, each storage counted once."""
+    import torch
+
+    seen, total = set(), 0
+    tensors = [p for m in modules for p in m.parameters()]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total / 2**20
 
 
 def ours_worker(spec: dict) -> None:
@@ -105,11 +132,14 @@ def ours_worker(spec: dict) -> None:
                      missing_eos_penalty=c["missing_eos_penalty"], seed=c["seed"], report_to="none",
                      save_strategy="no", use_cpu=True, logging_steps=10, disable_tqdm=True, **spec["extra"])
     trainer = PPOTrainer(model, args, tokenizer, load_reward(spec["reward"]), prompts)
-    start = time.perf_counter()
+    cpu0, start = time.process_time(), time.perf_counter()
     trainer.train()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     trainer.save_model(Path(spec["output_dir"]) / "adapter")
-    print("RESULT" + json.dumps({"wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    reward_modules = [trainer.reward_model.model] if hasattr(trainer.reward_model, "model") else []
+    print("RESULT" + json.dumps({"wall_s": wall, "cpu_s": cpu,
+                                 "model_and_optimizer_mb": tensor_mb([trainer.model, *reward_modules], trainer.optimizer),
+                                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def ensure_trl112_venv() -> Path:
@@ -200,6 +230,7 @@ def main() -> None:
     evals = {side: evaluate(task, rm, work / f"{side}_0" / "adapter") for side in ("ours", "trl")}
 
     wall = {s: statistics.median([r["wall_s"] for r in runs[s]]) for s in runs}
+    cpu = {s: statistics.median([r["cpu_s"] for r in runs[s]]) for s in runs}
     mem = {s: max(r["peak_rss_mb"] for r in runs[s]) for s in runs}
     result = {
         "gold_reward_ours": evals["ours"]["eval/gold_reward/policy"],
@@ -213,6 +244,10 @@ def main() -> None:
         "reward_model_score_trl": evals["trl"]["eval/reward/policy"],
         "wall_s_ours": wall["ours"], "wall_s_trl": wall["trl"], "wall_ratio": wall["ours"] / wall["trl"],
         "wall_ratio_per_pair": [a["wall_s"] / b["wall_s"] for a, b in zip(runs["ours"], runs["trl"])],
+        # CPU seconds of the training process (one thread each): robust to other jobs sharing the machine
+        "cpu_s_ours": cpu["ours"], "cpu_s_trl": cpu["trl"], "cpu_ratio": cpu["ours"] / cpu["trl"],
+        "model_and_optimizer_mb_ours": runs["ours"][0]["model_and_optimizer_mb"],
+        "model_and_optimizer_mb_trl": runs["trl"][0]["model_and_optimizer_mb"],
         "peak_rss_mb_ours": mem["ours"], "peak_rss_mb_trl": mem["trl"], "peak_mem_ratio": mem["ours"] / mem["trl"],
         "runs": runs, "eval_ours": evals["ours"], "eval_trl": evals["trl"],
         "settings": {"steps": args.steps, "episodes": args.steps * COMMON["rollout_batch_size"], "common": COMMON,
