@@ -24,9 +24,15 @@ MAX_PANELS = 3
 
 
 def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    """(steps, values) of one logged metric; entries without it (e.g. the final summary) are skipped."""
+    """(steps, values) of one logged metric; entries without it are skipped, and so is the final summary entry.
+
+    TRL puts the metrics of the steps since the last log into that summary (at the end of an epoch, often one small
+    batch), which would draw a misleading last point.
+    """
     steps, values = [], []
     for i, entry in enumerate(history):
+        if "train_runtime" in entry:
+            continue
         value = entry.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             steps.append(float(entry.get("step", i)))

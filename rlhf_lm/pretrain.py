@@ -5,6 +5,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import datasets
 from datasets import Dataset
 
 
@@ -34,11 +35,18 @@ def pretrain_causal_lm(
         args = SFTConfig(
             output_dir=tmp, num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
             lr_scheduler_type="constant_with_warmup", warmup_steps=0.05, weight_decay=0.0, max_length=128, seed=seed, bf16=False,
-            gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=50,
+            gradient_checkpointing=False, save_strategy="no", report_to="none", logging_steps=250,
             dataset_num_proc=None, use_cpu=True, disable_tqdm=True,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer)
-        result = trainer.train()
+        # A preparatory step of the task, not a stage: keep its dataset progress bars out of the user's console.
+        progress_bars = datasets.utils.logging.is_progress_bar_enabled()
+        datasets.utils.logging.disable_progress_bar()
+        try:
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
+                                 processing_class=tokenizer)
+            result = trainer.train()
+        finally:
+            if progress_bars:
+                datasets.utils.logging.enable_progress_bar()
     model.save_pretrained(model_dir, safe_serialization=True)
     return {"train_loss": result.training_loss}
