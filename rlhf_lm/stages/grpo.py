@@ -22,7 +22,6 @@ from rlhf_lm.configs import (
     DataArguments,
     ModelArguments,
     TrainingDefaults,
-    _call_next_post_init,
     parse_config,
 )
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError
@@ -73,10 +72,9 @@ def filter_prompts(ds, tokenizer, max_prompt_length: int | None, report):
 
 
 @dataclass
-class GRPOStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, GRPOConfig):
-    """Model + LoRA, prompt data, reward spec and TRL's GRPOConfig (beta 0 by default: no reference model)."""
+class OnlineRLArguments:
+    """What GRPO and RLOO add to TRL's config: a reward spec and counted prompt-length filtering."""
 
-    output_dir: str = field(default="runs/grpo", metadata={"help": "Where the adapter and metrics go."})
     reward_model: str | None = field(
         default=None,
         metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
@@ -84,10 +82,15 @@ class GRPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Traini
     )
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
-    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (GRPO reads prompts only)."})
+    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (this stage reads prompts only)."})
 
-    def __post_init__(self) -> None:
-        _call_next_post_init(self, GRPOStageConfig)
+
+@dataclass
+class GRPOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, ControllerArguments, TrainingDefaults,
+                      GRPOConfig):
+    """Model + LoRA, prompt data, reward spec and TRL's GRPOConfig (beta 0 by default: no reference model)."""
+
+    output_dir: str = field(default="runs/grpo", metadata={"help": "Where the adapter and metrics go."})
 
 
 CONFIG = GRPOStageConfig

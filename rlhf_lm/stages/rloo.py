@@ -16,28 +16,17 @@ from rlhf_lm.configs import (
     DataArguments,
     ModelArguments,
     TrainingDefaults,
-    _call_next_post_init,
     parse_config,
 )
-from rlhf_lm.stages.grpo import run_online
+from rlhf_lm.stages.grpo import OnlineRLArguments, run_online
 
 
 @dataclass
-class RLOOStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, RLOOConfig):
+class RLOOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, ControllerArguments, TrainingDefaults,
+                      RLOOConfig):
     """Model + LoRA, prompt data, reward spec and TRL's RLOOConfig (beta 0 by default: no reference model)."""
 
     output_dir: str = field(default="runs/rloo", metadata={"help": "Where the adapter and metrics go."})
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
-                          "'file.py:Name'."},
-    )
-    max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
-    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (RLOO reads prompts only)."})
-
-    def __post_init__(self) -> None:
-        _call_next_post_init(self, RLOOStageConfig)
 
 
 CONFIG = RLOOStageConfig
