@@ -16,6 +16,7 @@ process, which other jobs on a shared machine do not inflate) and peak_mem_ratio
 
 Differences by design (each side's own defaults where the other has no equivalent): TRL 1.12 trains a separate,
 fully trainable value model initialised from the reward model; ours trains a value head on the policy's LoRA trunk.
+Ours normalises scores with running statistics (recipe setting); TRL 1.12 has no such option.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ TRL_PACKAGES = ["trl==1.12.0", "transformers==5.23.0", "torch==2.13.0", "peft", 
 # diverge on the task's base policy (KL ~8.5 nats/token, gold reward far below the reference), which compares nothing.
 COMMON = dict(learning_rate=1e-3, rollout_batch_size=64, minibatch_size=16, num_ppo_epochs=4, max_new_tokens=40,
               temperature=1.0, kl_coef=0.05, missing_eos_penalty=1.0, lora_r=16, lora_alpha=32, seed=0)
-OURS_EXTRA = dict(normalize_scores=False, vf_coef=0.5)  # recipes/builtin/ppo.yaml's
+OURS_EXTRA = dict(normalize_scores=True, vf_coef=0.5)
 TRL_EXTRA = dict(vf_coef=0.1)  # TRL 1.12's default, for its separate value model
 
 TRL_WORKER = r'''
