@@ -1,6 +1,6 @@
 """Our PPO vs trl==1.12.0's ``trl.experimental.ppo.PPOTrainer`` (the last TRL with PPO), same task and budget.
 
-    python benchmarks/ppo_vs_trl112.py [--work_dir runs/bench_ppo] [--steps 60] [--repeats 1]
+    python benchmarks/ppo_vs_trl112.py [--work_dir runs/bench_ppo] [--steps 60] [--seeds 0,1,2]
 
 Both trainers start from the built-in task's base policy with a LoRA adapter of the same shape, use the same
 reward model (our reward stage, merged so TRL can load it as a plain classifier), the same prompts, the same number
@@ -8,10 +8,12 @@ of episodes, rollout batch, minibatches, PPO epochs, learning rate, response len
 missing-EOS penalty. TRL 1.12 runs in its own virtualenv (``.venv/trl112``, created on first use); each run is a
 fresh subprocess, ours and theirs alternating, timed around ``train()`` and measured for peak RSS.
 
-Afterwards both adapters are judged the same way, in this process: :func:`rlhf_lm.evaluation.evaluate_policy` on the
-held-out prompts with the gold reward (same seed and sampling for both). Writes
-``benchmarks/results/ppo_vs_trl112.json``: gold_reward_ours / gold_reward_trl, win-rates and KL vs the reference,
-wall_ratio (ours / theirs, of the median wall times over repeats), cpu_ratio (the same for CPU seconds of the training
+Each training seed runs both sides, and every adapter is judged the same way, in this process:
+:func:`rlhf_lm.evaluation.evaluate_policy` on the held-out prompts with the gold reward (same evaluation seed and
+sampling for all). Quality is the mean over training seeds, because one seed's gold reward varies by about +-0.1 on
+this task, more than the difference being measured. Writes ``benchmarks/results/ppo_vs_trl112.json``:
+gold_reward_ours / gold_reward_trl (means, and per seed), win-rates and KL vs the reference,
+wall_ratio (ours / theirs, of the median wall times over seeds), cpu_ratio (the same for CPU seconds of the training
 process, which other jobs on a shared machine do not inflate) and peak_mem_ratio (peak RSS, ours / theirs).
 
 Differences by design (each side's own defaults where the other has no equivalent): TRL 1.12 trains a separate,
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,15 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+def peak_rss_mb() -> float:
+    # This process's own resident-memory high-water mark. Not ru_maxrss: a worker started with fork+exec inherits
+    # its parent's peak there, so both sides would report the driver's memory.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
 
 def tensor_mb(modules, optimizer) -> float:
     """MB held by the parameters of ``modules`` and the optimizer's state, each storage counted once."""
@@ -89,8 +99,17 @@ wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
 trainer.save_model(spec["output_dir"] + "/adapter")
 print("RESULT" + json.dumps({"wall_s": wall, "cpu_s": cpu,
                              "model_and_optimizer_mb": tensor_mb([trainer.model, trainer.reward_model], trainer.optimizer),
-                             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                             "peak_rss_mb": peak_rss_mb()}))
 '''
+
+
+def peak_rss_mb() -> float:
+    # This process's own resident-memory high-water mark. Not ru_maxrss: a worker started with fork+exec inherits
+    # its parent's peak there, so both sides would report the driver's memory.
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def tensor_mb(modules, optimizer) -> float:
@@ -140,7 +159,7 @@ def ours_worker(spec: dict) -> None:
     reward_modules = [trainer.reward_model.model] if hasattr(trainer.reward_model, "model") else []
     print("RESULT" + json.dumps({"wall_s": wall, "cpu_s": cpu,
                                  "model_and_optimizer_mb": tensor_mb([trainer.model, *reward_modules], trainer.optimizer),
-                                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                                 "peak_rss_mb": peak_rss_mb()}))
 
 
 def ensure_trl112_venv() -> Path:
@@ -200,7 +219,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=str(ROOT / "runs" / "bench_ppo"))
     parser.add_argument("--steps", type=int, default=60, help="PPO iterations (x rollout_batch_size episodes).")
-    parser.add_argument("--repeats", type=int, default=1, help="Alternating ours/theirs pairs for the timings.")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="Comma-separated training seeds; each runs ours then theirs. Quality is compared on the "
+                             "mean over seeds: one seed's gold reward varies by about +-0.1, more than the gap.")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "ppo_vs_trl112.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,33 +237,40 @@ def main() -> None:
     task, rm = prepare(work)
     worker_file = work / "trl112_worker.py"
     worker_file.write_text(TRL_WORKER)
+    seeds = [int(x) for x in args.seeds.split(",")]
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-    for rep in range(args.repeats):
+    evals: dict[str, list[dict]] = {"ours": [], "trl": []}
+    for seed in seeds:
         for side in ("ours", "trl"):
+            out = work / f"{side}_seed{seed}"
             spec = {"policy": str(task / "base_policy"), "reward": str(rm), "steps": args.steps,
-                    "prompts": str(task / "data" / "prompts_train.jsonl"), "common": COMMON,
-                    "extra": OURS_EXTRA if side == "ours" else TRL_EXTRA, "output_dir": str(work / f"{side}_{rep}")}
+                    "prompts": str(task / "data" / "prompts_train.jsonl"), "common": {**COMMON, "seed": seed},
+                    "extra": OURS_EXTRA if side == "ours" else TRL_EXTRA, "output_dir": str(out)}
             cmd = ([sys.executable, __file__, "--worker", json.dumps(spec)] if side == "ours"
                    else [str(trl_python), str(worker_file), json.dumps(spec)])
             result = run_worker(cmd)
             runs[side].append(result)
-            print(side, rep, result, flush=True)
+            evals[side].append(evaluate(task, rm, out / "adapter"))
+            print(side, seed, result, flush=True)
 
-    evals = {side: evaluate(task, rm, work / f"{side}_0" / "adapter") for side in ("ours", "trl")}
+    def mean(side: str, key: str) -> float:
+        return statistics.mean(e[key] for e in evals[side])
 
     wall = {s: statistics.median([r["wall_s"] for r in runs[s]]) for s in runs}
     cpu = {s: statistics.median([r["cpu_s"] for r in runs[s]]) for s in runs}
     mem = {s: max(r["peak_rss_mb"] for r in runs[s]) for s in runs}
     result = {
-        "gold_reward_ours": evals["ours"]["eval/gold_reward/policy"],
-        "gold_reward_trl": evals["trl"]["eval/gold_reward/policy"],
-        "gold_reward_reference": evals["ours"]["eval/gold_reward/reference"],
-        "gold_win_rate_ours": evals["ours"]["eval/gold_win_rate"],
-        "gold_win_rate_trl": evals["trl"]["eval/gold_win_rate"],
-        "kl_ours": evals["ours"]["eval/kl"],
-        "kl_trl": evals["trl"]["eval/kl"],
-        "reward_model_score_ours": evals["ours"]["eval/reward/policy"],
-        "reward_model_score_trl": evals["trl"]["eval/reward/policy"],
+        "gold_reward_ours": mean("ours", "eval/gold_reward/policy"),
+        "gold_reward_trl": mean("trl", "eval/gold_reward/policy"),
+        "gold_reward_reference": evals["ours"][0]["eval/gold_reward/reference"],
+        "gold_reward_per_seed": {s: [e["eval/gold_reward/policy"] for e in evals[s]] for s in evals},
+        "gold_win_rate_ours": mean("ours", "eval/gold_win_rate"),
+        "gold_win_rate_trl": mean("trl", "eval/gold_win_rate"),
+        "kl_ours": mean("ours", "eval/kl"),
+        "kl_trl": mean("trl", "eval/kl"),
+        "kl_per_seed": {s: [e["eval/kl"] for e in evals[s]] for s in evals},
+        "reward_model_score_ours": mean("ours", "eval/reward/policy"),
+        "reward_model_score_trl": mean("trl", "eval/reward/policy"),
         "wall_s_ours": wall["ours"], "wall_s_trl": wall["trl"], "wall_ratio": wall["ours"] / wall["trl"],
         "wall_ratio_per_pair": [a["wall_s"] / b["wall_s"] for a, b in zip(runs["ours"], runs["trl"])],
         # CPU seconds of the training process (one thread each): robust to other jobs sharing the machine
@@ -250,9 +278,9 @@ def main() -> None:
         "model_and_optimizer_mb_ours": runs["ours"][0]["model_and_optimizer_mb"],
         "model_and_optimizer_mb_trl": runs["trl"][0]["model_and_optimizer_mb"],
         "peak_rss_mb_ours": mem["ours"], "peak_rss_mb_trl": mem["trl"], "peak_mem_ratio": mem["ours"] / mem["trl"],
-        "runs": runs, "eval_ours": evals["ours"], "eval_trl": evals["trl"],
+        "runs": runs, "evals": evals,
         "settings": {"steps": args.steps, "episodes": args.steps * COMMON["rollout_batch_size"], "common": COMMON,
-                     "ours_extra": OURS_EXTRA, "trl_extra": TRL_EXTRA, "repeats": args.repeats},
+                     "ours_extra": OURS_EXTRA, "trl_extra": TRL_EXTRA, "seeds": seeds},
         "conditions": f"CPU, {os.cpu_count()} cores shared with other jobs, OMP_NUM_THREADS=1, torch "
                       f"{torch.__version__}; timings alternate ours/theirs in fresh subprocesses",
     }
