@@ -358,7 +358,7 @@ def build_dpo(settings: BenchSettings, assets: Assets, variant: str, out: Path, 
     n_rows = settings.total_steps * settings.batch_size * settings.grad_accum
     dataset = Dataset.from_list(preference_rows(settings, n_rows, assets.config.vocab_size))
     common = dict(common_args(settings, out), max_length=settings.seq_len)
-    ref_model = None
+    ref_model, trainer_cls = None, DPOTrainer
     if variant == "A":
         # Plain TRL: the model as a path, so TRL loads it (fp32 weights, bf16 autocast, gradient checkpointing on).
         args, source, model = DPOConfig(**common), "trl.DPOConfig defaults", str(assets.policy_dir)
@@ -367,15 +367,17 @@ def build_dpo(settings: BenchSettings, assets: Assets, variant: str, out: Path, 
         changes = (FULL_VARIANT_CHANGES if full else VARIANT_CHANGES)[variant]
         args, source = our_config("rlhf_lm.stages.dpo", _stage_fields(common, assets.policy_dir, use_peft=not full),
                                   changes)
-        from rlhf_lm.stages.dpo import load_policy  # the stage's own loading: policy, reference, LoRA config
+        # the stage's own trainer class and loading: policy, reference, LoRA config
+        from rlhf_lm.stages.dpo import DPOTrainer as trainer_cls
+        from rlhf_lm.stages.dpo import load_policy
 
         model, ref_model, peft_config = load_policy(args)
         if changes.get("ref_dtype"):
             ref_model = load_causal_lm(str(assets.policy_dir), dtype=changes["ref_dtype"])
     precompute_s: list[float] = []
     with timed_class_method(DPOTrainer, "_precompute_ref_logps", settings.device, precompute_s):
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
-                             processing_class=assets.tokenizer, peft_config=peft_config)
+        trainer = trainer_cls(model=model, ref_model=ref_model, args=args, train_dataset=dataset,
+                              processing_class=assets.tokenizer, peft_config=peft_config)
     s, c = settings.seq_len, settings.completion_len
     mode = TRAIN if full else TRAIN_FROZEN
     policy = 2 * sequence_flops(assets.shape, s, mode, head_tokens=c, lora_params=lora_param_count(trainer.model))
@@ -400,14 +402,17 @@ def build_reward(settings: BenchSettings, assets: Assets, variant: str, out: Pat
     n_rows = settings.total_steps * settings.batch_size * settings.grad_accum
     dataset = Dataset.from_list(preference_rows(settings, n_rows, assets.config.vocab_size))
     common = dict(common_args(settings, out), max_length=settings.seq_len)
+    trainer_cls = RewardTrainer
     if variant == "A":
         args, source, model = RewardConfig(**common), "trl.RewardConfig defaults", str(assets.reward_dir)
     else:
         args, source = our_config("rlhf_lm.stages.reward", _stage_fields(common, assets.reward_dir),
                                   VARIANT_CHANGES[variant])
+        from rlhf_lm.stages.reward import RewardTrainer as trainer_cls  # the stage's own trainer class
+
         model = load_sequence_classifier(str(assets.reward_dir), dtype=args.dtype)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=assets.tokenizer,
-                            peft_config=_lora("SEQ_CLS", modules_to_save=["score"]))
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=assets.tokenizer,
+                          peft_config=_lora("SEQ_CLS", modules_to_save=["score"]))
     s = settings.seq_len
     row = 2 * sequence_flops(assets.shape, s, TRAIN_FROZEN, head_tokens=0, lora_params=lora_param_count(trainer.model))
     notes = {"activation_checkpointing": checkpointing_of(args), "bf16_autocast": bool(args.bf16),

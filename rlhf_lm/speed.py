@@ -4,8 +4,9 @@ transformers' length-grouped sampler work with preference data.
 Padding is compute thrown away: every pad position runs through every layer. DPO pads the chosen and rejected
 sequences of a batch to one width, so one long response makes the whole batch long. Grouping batches by length
 (transformers' ``train_sampling_strategy="group_by_length"``: random mega-batches of 50 batches, each sorted by
-length) keeps the randomness between batches and removes most of that waste. ``benchmarks/gpu_bench.py --padding``
-measures it on real HH-RLHF pairs; the numbers are in docs/benchmarks.md.
+length) keeps the randomness between batches and removes most of that waste; the DPO and reward stages do it by
+default (:class:`LengthGroupedBatches`). ``benchmarks/gpu_bench.py --padding`` measures the padding on real HH-RLHF
+pairs and ``benchmarks/cpu_defaults.py`` the time it saves; the numbers are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,19 +26,43 @@ def pair_length(prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_i
 
 def add_length_column(dataset, column: str = LENGTH_COLUMN):
     """Add ``length`` to a tokenized preference dataset: DPO's prompt_ids / chosen_ids / rejected_ids, or
-    RewardTrainer's chosen_ids / rejected_ids (each already holding the prompt).
+    RewardTrainer's chosen_ids / rejected_ids (each already holding the prompt). Lengths come straight from Arrow,
+    without turning token ids into Python lists."""
+    import numpy as np
+    import pyarrow.compute as pc
 
-    With it, ``train_sampling_strategy="group_by_length"`` works for these trainers; keep
-    ``remove_unused_columns=False`` so the column survives until the sampler reads it (TRL's collators ignore
-    columns they do not know).
+    table = dataset.with_format("arrow")[:]
+    chosen, rejected = (pc.list_value_length(table[c]).to_numpy() for c in ("chosen_ids", "rejected_ids"))
+    prompt = pc.list_value_length(table["prompt_ids"]).to_numpy() if "prompt_ids" in table.column_names else 0
+    return dataset.add_column(column, (prompt + np.maximum(chosen, rejected)).tolist())
+
+
+def with_length_column(dataset, args):
+    """``dataset`` with a length column when ``args`` (TrainingArguments) group batches by length and it has none."""
+    from datasets import Dataset
+
+    if (args.train_sampling_strategy == "group_by_length" and isinstance(dataset, Dataset)
+            and args.length_column_name not in dataset.column_names):
+        return add_length_column(dataset, args.length_column_name)
+    return dataset
+
+
+class LengthGroupedBatches:
+    """Trainer mixin (put it before TRL's DPOTrainer / RewardTrainer): with
+    ``train_sampling_strategy="group_by_length"``, batches hold pairs of similar length (evaluation batches too).
+
+    transformers' samplers read the lengths from a ``length`` column but TRL's tokenized datasets have none, and the
+    Trainer prunes columns its model does not take before the sampler sees them. So: add the column once TRL has
+    tokenized a dataset, and keep it through the pruning (TRL's collators ignore columns they do not know).
     """
-    has_prompt = "prompt_ids" in dataset.column_names
 
-    def lengths(batch):
-        prompts = batch["prompt_ids"] if has_prompt else [[]] * len(batch["chosen_ids"])
-        return {column: [pair_length(p, c, r) for p, c, r in zip(prompts, batch["chosen_ids"], batch["rejected_ids"])]}
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return with_length_column(super()._prepare_dataset(dataset, processing_class, args, dataset_name), args)
 
-    return dataset.map(lengths, batched=True)
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.length_column_name not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, self.args.length_column_name]
 
 
 def batch_order(lengths: Sequence[int], batch_size: int, group_by_length: bool, seed: int = 0) -> list[int]:

@@ -22,6 +22,7 @@ from rlhf_lm.stages.dpo import (
     DPOStageConfig,
     apply_length_limit,
     build_trainer,
+    passes_over_data,
     run,
     tokenize_pairs,
 )
@@ -261,6 +262,23 @@ def test_precomputed_reference_log_probs_give_the_same_first_loss(tiny_task_dir,
         trainer.train()
         losses.append(trainer.state.log_history[0]["loss"])
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_reference_log_probs_are_precomputed_by_default_only_for_more_than_one_pass(tiny_task_dir, tmp_path):
+    """Default precompute_ref_log_probs: on when training visits the data more than once (epochs, or max_steps
+    beyond one epoch), off for one pass, and an explicit value always wins."""
+    cases = [({"max_steps": -1, "num_train_epochs": 2}, True), ({"max_steps": -1, "num_train_epochs": 1}, False),
+             ({"max_steps": 1}, False), ({"max_steps": 1, "precompute_ref_log_probs": True}, True),
+             ({"max_steps": -1, "num_train_epochs": 2, "precompute_ref_log_probs": False}, False)]
+    for i, (overrides, expected) in enumerate(cases):
+        cfg = tiny_cfg(tiny_task_dir, tmp_path / f"out{i}", **overrides)
+        trainer, _, _ = build_trainer(cfg)
+        assert cfg.precompute_ref_log_probs is expected, overrides
+        assert ("ref_chosen_logps" in trainer.train_dataset.column_names) == expected, overrides
+    pairs = len(trainer.train_dataset)  # 8 pairs per step: ceil(pairs / 8) steps make one pass
+    steps_per_pass = -(-pairs // 8)
+    assert passes_over_data(tiny_cfg(tiny_task_dir, tmp_path, max_steps=steps_per_pass), pairs) == 1.0
+    assert passes_over_data(tiny_cfg(tiny_task_dir, tmp_path, max_steps=steps_per_pass + 1), pairs) > 1.0
 
 
 def test_dpo_learns_the_preferences_it_is_trained_on(tiny_task_dir, tmp_path):

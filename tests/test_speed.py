@@ -48,42 +48,84 @@ def test_equal_lengths_never_pad_and_grouping_removes_most_padding():
     assert grouped < random_order / 10
 
 
-def test_group_by_length_works_in_dpo_trainer_with_the_length_column(tmp_path):
-    """The recipe we recommend to the DPO stage: a length column, remove_unused_columns=False and
-    train_sampling_strategy='group_by_length' give length-sorted batches, and training runs."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    from trl import DPOConfig, DPOTrainer
-
-    from rlhf_lm.modeling import train_tokenizer
-
-    tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
+def _pairs_of_two_lengths(n: int = 64) -> list[dict]:
+    """Preference pairs whose texts are either ~4 or ~40 words long, in random order."""
     rng = random.Random(0)
 
-    def text(n):
-        return " ".join(rng.choice(["cat", "sat", "mat"]) for _ in range(n))
+    def text(k):
+        return " ".join(rng.choice(["cat", "sat", "mat"]) for _ in range(k))
 
     rows = []
-    for _ in range(64):
-        n = rng.choice([3, 40])
-        rows.append({"prompt": text(n), "chosen": " " + text(n), "rejected": " " + text(n + 1),
-                     "prompt_ids": [0] * n, "chosen_ids": [0] * (n + 1), "rejected_ids": [0] * (n + 2)})
-    dataset = add_length_column(Dataset.from_list(rows)).remove_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    assert dataset[0][LENGTH_COLUMN] == len(rows[0]["prompt_ids"]) + len(rows[0]["rejected_ids"])
+    for _ in range(n):
+        k = rng.choice([3, 40])
+        rows.append({"prompt": text(k), "chosen": " " + text(k), "rejected": " " + text(k + 1)})
+    return rows
+
+
+def _tiny_qwen2(tok):
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to="none",
-                     use_cpu=True, bf16=False, gradient_checkpointing=False, remove_unused_columns=False,
-                     train_sampling_strategy="group_by_length", save_strategy="no", disable_tqdm=True)
-    reference = AutoModelForCausalLM.from_config(config)
-    trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset, processing_class=tok)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _mixed_batches(trainer) -> tuple[int, int]:
+    """(batches mixing the two length classes, all batches) of the trainer's training dataloader."""
     widths = [batch["attention_mask"].sum(1).tolist() for batch in trainer.get_train_dataloader()]
-    # Batches hold pairs of one length class (short ~8 tokens, long ~80), except at most one per mega-batch of
-    # 8 batches where the sorted run turns from long to short; random order would mix about half of the 32.
-    mixed = sum(max(w) - min(w) > 3 for w in widths)
-    assert len(widths) == 32 and mixed <= 4, widths
+    return sum(max(w) - min(w) > 8 for w in widths), len(widths)
+
+
+def test_dpo_stage_trainer_groups_batches_by_length_by_default(tmp_path):
+    """Our DPO stage's trainer, with the stage's default train_sampling_strategy and TRL's own column pruning:
+    batches hold pairs of one length class; evaluation (also length-grouped) and training run."""
+    from rlhf_lm.modeling import train_tokenizer
+    from rlhf_lm.stages.dpo import DPOStageConfig, DPOTrainer
+
+    assert DPOStageConfig.__dataclass_fields__["train_sampling_strategy"].default == "group_by_length"
+    tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
+    args = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, use_cpu=True,
+                          save_strategy="no", disable_tqdm=True)
+    assert args.remove_unused_columns  # the length column survives TRL's pruning without turning it off
+    dataset = Dataset.from_list(_pairs_of_two_lengths())
+    trainer = DPOTrainer(model=_tiny_qwen2(tok), ref_model=_tiny_qwen2(tok), args=args, train_dataset=dataset,
+                         eval_dataset=dataset.select(range(16)), processing_class=tok)
+    assert trainer.train_dataset[0][LENGTH_COLUMN] == (len(trainer.train_dataset[0]["prompt_ids"])
+                                                       + max(len(trainer.train_dataset[0]["chosen_ids"]),
+                                                             len(trainer.train_dataset[0]["rejected_ids"])))
+    # Batches hold one length class (short ~8 tokens, long ~80), except at most one per mega-batch of 50 batches
+    # where the sorted run turns from long to short; random order would mix about half of the 32.
+    mixed, batches = _mixed_batches(trainer)
+    assert batches == 32 and mixed <= 1
+    assert "eval_loss" in trainer.evaluate()
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+    args.train_sampling_strategy = "random"  # the switch back works, and mixes lengths
+    mixed, _ = _mixed_batches(DPOTrainer(model=_tiny_qwen2(tok), ref_model=_tiny_qwen2(tok), args=args,
+                                         train_dataset=dataset, processing_class=tok))
+    assert mixed >= 8
+
+
+def test_reward_stage_trainer_groups_batches_by_length_by_default(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_lm.modeling import train_tokenizer
+    from rlhf_lm.stages.reward import RewardStageConfig, RewardTrainer
+
+    tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
+    args = RewardStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    assert args.train_sampling_strategy == "group_by_length"
+    config = _tiny_qwen2(tok).config
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    rows = [{"chosen": r["prompt"] + r["chosen"], "rejected": r["prompt"] + r["rejected"]}
+            for r in _pairs_of_two_lengths()]
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+    mixed, batches = _mixed_batches(trainer)
+    assert batches == 32 and mixed <= 1
     trainer.train()
     assert trainer.state.global_step == 1

@@ -9,7 +9,8 @@ The reference policy is never a second copy of the model when LoRA is on:
 * ``sft_adapter_path``: the SFT adapter is loaded and trained on, and TRL keeps a frozen copy of it named ``"ref"``
   as the reference - so the reference is the SFT policy, not the bare base it was trained from;
 * a full fine-tune (``use_peft: false``): an explicit reference model, ``ref_model_name_or_path`` (default: the
-  starting model), unless ``precompute_ref_log_probs`` computes its log-probs once before training.
+  starting model), unless its log-probs are computed once before training (``precompute_ref_log_probs``: on by
+  default when training runs more than one epoch, with LoRA too - later epochs then skip the reference forward).
 
 Pairs are tokenized once, in batches over whole columns, before TRL sees them (see :func:`tokenize_pairs`); the
 lengths that come out of it decide, visibly and counted, which pairs are dropped or truncated at ``max_length``.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
     ModelArguments,
+    PairBatching,
     TrainingDefaults,
     _call_next_post_init,
     parse_config,
@@ -53,6 +56,7 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
+from rlhf_lm.speed import LengthGroupedBatches, with_length_column
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +67,8 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass
-class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, trl.DPOConfig):
+class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, PairBatching, TrainingDefaults,
+                     trl.DPOConfig):
     """DPO: model + LoRA, preference data, TRL's DPOConfig (beta, loss_type, max_length, ...) and the final eval."""
 
     output_dir: str = field(default="runs/dpo", metadata={"help": "Where the DPO policy artifact is written."})
@@ -86,6 +91,12 @@ class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Trainin
         default=None,
         metadata={"help": "Held-out preference pairs in their own file or dataset (e.g. the task's "
                           "pairs_eval.jsonl). Default: dataset_eval_split, else eval_fraction of the training data."},
+    )
+    precompute_ref_log_probs: bool | None = field(
+        default=None,
+        metadata={"help": "Score the reference once over the data before training instead of at every step. Default: "
+                          "on when training runs over the data more than once (each later epoch then skips the "
+                          "reference forward, a third of a LoRA step's FLOPs), off for a single epoch."},
     )
     length_mode: str = field(
         default="drop",
@@ -287,8 +298,9 @@ def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: D
     return ds if keep.all() else ds.select(np.flatnonzero(keep))
 
 
-class DPOTrainer(trl.DPOTrainer):
-    """TRL's DPOTrainer, taking data already tokenized by :func:`tokenize_pairs` as it is.
+class DPOTrainer(LengthGroupedBatches, trl.DPOTrainer):
+    """TRL's DPOTrainer, taking data already tokenized by :func:`tokenize_pairs` as it is, with length-grouped
+    batches (:class:`rlhf_lm.speed.LengthGroupedBatches`).
 
     TRL 1.16 re-runs its per-row tokenization on every dataset it is given; this skips that work when the token
     columns are already there (and still tokenizes anything else the usual way).
@@ -296,8 +308,15 @@ class DPOTrainer(trl.DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if isinstance(dataset, Dataset) and set(TOKEN_COLUMNS) <= set(dataset.column_names):
-            return dataset
+            return with_length_column(dataset, args)
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL 1.16's evaluate() scores the reference again on a dataset that already carries its reference
+        # log-probs (e.g. trainer.evaluate(trainer.train_dataset)) and then fails on the duplicate columns.
+        if isinstance(dataset, Dataset) and {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -389,6 +408,14 @@ def load_policy(cfg: DPOStageConfig):
     return policy, load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, **kwargs), None
 
 
+def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
+    """How many times training visits each pair: num_train_epochs, or what max_steps amounts to."""
+    if cfg.max_steps <= 0:
+        return float(cfg.num_train_epochs)
+    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * PartialState().num_processes
+    return cfg.max_steps / math.ceil(num_pairs / pairs_per_step)
+
+
 def _resume_path(cfg: DPOStageConfig, stage: Path) -> str | None:
     resume = cfg.resume_from_checkpoint
     if resume in (None, False, "", "false", "False"):
@@ -419,6 +446,8 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
     if eval_tok is None and cfg.eval_strategy != "no":
         raise ConfigError(f"eval_strategy={cfg.eval_strategy} needs held-out pairs; there are none.")
 
+    if cfg.precompute_ref_log_probs is None:
+        cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
     policy, ref_model, peft_config = load_policy(cfg)
     callbacks = list(callbacks or [])
     if cfg.controller:

@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from trl import RewardConfig, RewardTrainer
+import trl
+from trl import RewardConfig
 
 from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
     ModelArguments,
+    PairBatching,
     TrainingDefaults,
     _call_next_post_init,
     parse_config,
@@ -46,12 +48,14 @@ from rlhf_lm.modeling import (
     quantization_kwargs,
 )
 from rlhf_lm.reward_model import ClassifierReward, preference_metrics
+from rlhf_lm.speed import LengthGroupedBatches
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, RewardConfig):
+class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, PairBatching, TrainingDefaults,
+                        RewardConfig):
     """Reward-model training: model + LoRA, data, and TRL's RewardConfig (learning rate, epochs, max_length...)."""
 
     output_dir: str = field(default="runs/reward", metadata={"help": "Where the reward model artifact is written."})
@@ -76,6 +80,10 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Trai
 
 
 CONFIG = RewardStageConfig
+
+
+class RewardTrainer(LengthGroupedBatches, trl.RewardTrainer):
+    """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`)."""
 
 
 def task_root(dataset_name: str | None) -> Path | None:
