@@ -281,7 +281,7 @@ def common_args(settings: BenchSettings, output_dir: Path) -> dict:
 VARIANT_CHANGES: dict[str, dict] = {
     "B": {},
     "B_bf16": {"dtype": "bfloat16"},  # frozen base weights in bf16 instead of ModelConfig's float32
-    "B_memory": {"dtype": "bfloat16", "gradient_checkpointing": True},  # our memory mode
+    "B_memory": {"dtype": "bfloat16", "activation_checkpointing": True},  # our memory mode
     "B_precompute": {"dtype": "bfloat16", "precompute_ref_log_probs": True},
     "B_liger": {"dtype": "bfloat16", "use_liger_kernel": True},
 }
@@ -480,7 +480,7 @@ def measure_trainer_variant(settings: BenchSettings, assets: Assets, case: str, 
     run.trainer.remove_callback(PrinterCallback)
     run.trainer.train()
     # Checkpointing as the model actually ran (set up by Trainer.train), not just as configured.
-    run.notes["model_checkpointing"] = bool(getattr(run.trainer.model, "is_gradient_checkpointing", None))
+    run.notes["model_checkpointing"] = bool(getattr(run.trainer.model, "is_activation_checkpointing", None))
     seconds, tokens, steps = timer.window(settings.warmup_steps)
     rows = tokens / run.row_tokens
     model_flops = rows * run.row_flops

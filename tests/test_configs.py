@@ -77,3 +77,15 @@ def test_cli_help_lists_fields(capsys):
         parse_config(DemoConfig, ["--help"])
     out = capsys.readouterr().out
     assert "--lora_r" in out and "--dataset_name" in out and "LoRA rank" in out
+
+
+@pytest.mark.parametrize("stage", ["reward", "dpo", "ppo", "grpo", "rloo", "evaluate"])
+def test_every_stage_prints_its_help(stage, capsys):
+    """argparse formats help text with %: a stray '%' in any field's help breaks `rlhf-lm <stage> --help`."""
+    import importlib
+
+    config_cls = importlib.import_module(f"rlhf_lm.stages.{stage}").CONFIG
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(config_cls, ["--help"])
+    assert exit_info.value.code == 0
+    assert "--output_dir" in capsys.readouterr().out

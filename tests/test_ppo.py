@@ -134,6 +134,20 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_task_dir, tmp_path):
     assert resumed.counters == full.counters
 
 
+def test_activation_checkpointing_recomputes_and_gives_the_same_update(tiny_task_dir, tmp_path):
+    """Memory mode: the decoder layers recompute activations in the update, and the trained adapter and value
+    head come out as without it."""
+    plain = make_trainer(tiny_task_dir, tmp_path / "plain", max_steps=1)
+    plain.train()
+    checkpointed = make_trainer(tiny_task_dir, tmp_path / "ckpt", max_steps=1, activation_checkpointing=True)
+    assert checkpointed.unwrapped.policy.is_activation_checkpointing
+    assert not plain.unwrapped.policy.is_activation_checkpointing
+    checkpointed.train()
+    a, b = trainable_state(plain), trainable_state(checkpointed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
 def test_controller_callback_steers_ppo(tiny_task_dir, tmp_path):
     """The hyperparameter controller reaches PPO's optimizer and live KL coefficient through the callback events."""
     from rlhf_lm.controller import build_callback

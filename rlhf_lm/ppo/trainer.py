@@ -112,6 +112,11 @@ class PPOTrainer:
         self.eval_prompts = (tokenize_prompts(eval_prompts, processing_class, args.max_prompt_length)[:2]
                              if eval_prompts else None)
 
+        if args.activation_checkpointing:
+            # transformers' Trainer does this for the other stages; our loop has to ask for it. The layers then
+            # recompute activations in the update passes only: rollouts run in eval mode, with the KV cache.
+            kwargs = {"use_reentrant": False, **(args.activation_checkpointing_kwargs or {})}
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model = PolicyWithValueHead(model)
         self.optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=args.learning_rate,
                                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
