@@ -188,10 +188,14 @@ def load_rows(source: str | os.PathLike | Dataset | DatasetDict, split: str = "t
     if path.is_file():
         return _read_local_file(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.name.lower().endswith(LOCAL_SUFFIXES) and split in p.name)
-        files = files or sorted(p for p in path.iterdir() if p.name.lower().endswith(LOCAL_SUFFIXES))
-        if not files:
+        all_files = sorted(p for p in path.iterdir() if p.name.lower().endswith(LOCAL_SUFFIXES))
+        if not all_files:
             raise DataError(f"{path} holds no data files ({', '.join(LOCAL_SUFFIXES)}).")
+        files = [p for p in all_files if split in p.name]
+        if not files and split != "train":  # a named held-out split must never quietly become all the data
+            raise DataError(f"{path} has no file for split '{split}' (a file whose name contains it); files found: "
+                            f"{[p.name for p in all_files]}.")
+        files = files or all_files  # a directory of unnamed files is one 'train' split
         if len(files) == 1:
             return _read_local_file(files[0])
         parts = [_read_local_file(f) for f in files]

@@ -65,3 +65,22 @@ def test_evaluate_a_full_finetune_against_the_model_it_started_from(tiny_task_di
         policy_path=str(tmp_path / "full"), output_dir=str(tmp_path / "eval"), num_prompts=8, max_new_tokens=12)))
     for key in ("eval/gold_win_rate", "eval/kl", "eval/gold_reward/reference"):
         assert metrics[key] == pytest.approx(trained[key], abs=1e-5), key
+
+
+def test_evaluate_reads_the_named_split_of_a_dataset_dir(dpo_run, tiny_task_dir, tmp_path):
+    """prompts_split / pairs_split pick a split of a dataset (a Hub dataset's test split, a file in a dir): the
+    task's data dir with its eval splits gives what the files themselves give; a missing split is a clear error."""
+    policy_dir, _ = dpo_run
+    common = dict(policy_path=str(policy_dir), num_prompts=6, max_new_tokens=8, beta=0.2, max_length=96)
+    by_file = run_evaluate(config_from_dict(EvaluateStageConfig, dict(
+        common, output_dir=str(tmp_path / "file"), prompts=str(tiny_task_dir / "data" / "prompts_eval.jsonl"),
+        pairs=str(tiny_task_dir / "data" / "pairs_eval.jsonl"))))
+    by_split = run_evaluate(config_from_dict(EvaluateStageConfig, dict(
+        common, output_dir=str(tmp_path / "split"), prompts=str(tiny_task_dir / "data"),
+        prompts_split="prompts_eval", pairs=str(tiny_task_dir / "data"), pairs_split="pairs_eval")))
+    assert by_split == pytest.approx(by_file)
+    with pytest.raises(Exception, match="prompts_test"):
+        run_evaluate(config_from_dict(EvaluateStageConfig, dict(
+            common, output_dir=str(tmp_path / "bad"), prompts=str(tiny_task_dir / "data"),
+            prompts_split="prompts_test")))
+    assert not (tmp_path / "bad").exists()

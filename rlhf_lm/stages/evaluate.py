@@ -46,6 +46,11 @@ class EvaluateStageConfig:
         metadata={"help": "Held-out prompts (a file, directory or Hub dataset). Default: the built-in task's "
                           "prompts_eval.jsonl when the policy was trained on task data."},
     )
+    prompts_split: str = field(
+        default="train",
+        metadata={"help": "Split of `prompts` to read: a Hub dataset's held-out split (e.g. test), or a file's name "
+                          "in a directory (e.g. prompts_eval in a task's data dir). A single file is one 'train' split."},
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
     reward_model: str | None = field(
         default=None, metadata={"help": "Judge of the win-rate: 'gold', a reward-stage dir, 'pkg.mod:Name' or "
@@ -54,6 +59,7 @@ class EvaluateStageConfig:
         default=None, metadata={"help": "Report the built-in task's gold reward. Default: on for task prompts."})
     pairs: str | None = field(
         default=None, metadata={"help": "Held-out preference pairs for DPO's implicit-reward accuracy and margin."})
+    pairs_split: str = field(default="train", metadata={"help": "Split of `pairs` to read (as prompts_split)."})
     beta: float = field(default=0.1, metadata={"help": "beta of the implicit reward (use the DPO run's)."})
     max_length: int | None = field(default=1024, metadata={"help": "Pairs longer than this are dropped (counted)."})
     num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
@@ -143,7 +149,7 @@ def run(cfg: EvaluateStageConfig) -> dict[str, float]:
         prompts_source = str(root / "data" / "prompts_eval.jsonl")
     if prompts_source is None:
         raise ConfigError("Set prompts: held-out prompts to sample the policy and reference on.")
-    prompts = normalize_prompts(load_rows(prompts_source, "train"), cfg.prompt_column)[0]["prompt"]
+    prompts = normalize_prompts(load_rows(prompts_source, cfg.prompts_split), cfg.prompt_column)[0]["prompt"]
     prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
     reward = None
     if cfg.reward_model:
@@ -169,7 +175,7 @@ def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer, data: 
     from rlhf_lm.evaluation import implicit_reward_accuracy
     from rlhf_lm.stages.dpo import apply_length_limit, tokenize_pairs
 
-    pairs, report = normalize_preferences(load_rows(cfg.pairs, "train"))
+    pairs, report = normalize_preferences(load_rows(cfg.pairs, cfg.pairs_split))
     tokenized = apply_length_limit(tokenize_pairs(pairs, tokenizer), cfg.max_length, "drop", report)
     data["pairs"] = report.as_dict()
     return implicit_reward_accuracy(policy, tokenizer, tokenized, cfg.beta, reference=reference,
