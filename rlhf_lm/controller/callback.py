@@ -152,7 +152,9 @@ class ControllerCallback(TrainerCallback):
 
     # -------------------------------------------------------------------------------------------- the decision
     def _decide(self, state) -> None:
-        objective = self._objective()
+        # Every branch below must go the same way on every rank (a probe runs DDP collectives): rank 0's objective
+        # and rank 0's choice to probe, which rests on its own timings, hold for all.
+        objective = self._broadcast(self._objective())
         progress = state.global_step / self.max_steps
         self._measure_update_ratio(state)
         if not math.isfinite(objective) or objective > self.spec.divergence_factor * self.best_objective > 0:
@@ -165,7 +167,7 @@ class ControllerCallback(TrainerCallback):
         features = self.tracker.features(progress, self.lr_multiplier, self.beta_multiplier, self.spec.kl_target)
         if self.planner is not None:
             self.planner.charge(self.planner.decision_cost())
-        if self.planner is not None and self.planner.should_probe(self.decisions):
+        if self.planner is not None and self._broadcast(self.planner.should_probe(self.decisions)):
             decision = self._probe(features, objective)
         else:
             decision = self._broadcast(self.policy.decide(features))
