@@ -24,17 +24,37 @@ def pair_length(prompt_ids: Sequence[int], chosen_ids: Sequence[int], rejected_i
     return len(prompt_ids) + max(len(chosen_ids), len(rejected_ids))
 
 
-def add_length_column(dataset, column: str = LENGTH_COLUMN):
-    """Add ``length`` to a tokenized preference dataset: DPO's prompt_ids / chosen_ids / rejected_ids, or
-    RewardTrainer's chosen_ids / rejected_ids (each already holding the prompt). Lengths come straight from Arrow,
-    without turning token ids into Python lists."""
+def pair_lengths(dataset):
+    """Width each pair of a tokenized preference dataset needs (numpy array): DPO's prompt_ids / chosen_ids /
+    rejected_ids, or RewardTrainer's chosen_ids / rejected_ids (each already holding the prompt). Read straight from
+    Arrow, without turning token ids into Python lists."""
     import numpy as np
     import pyarrow.compute as pc
 
     table = dataset.with_format("arrow")[:]
     chosen, rejected = (pc.list_value_length(table[c]).to_numpy() for c in ("chosen_ids", "rejected_ids"))
     prompt = pc.list_value_length(table["prompt_ids"]).to_numpy() if "prompt_ids" in table.column_names else 0
-    return dataset.add_column(column, (prompt + np.maximum(chosen, rejected)).tolist())
+    return prompt + np.maximum(chosen, rejected)
+
+
+def add_length_column(dataset, column: str = LENGTH_COLUMN):
+    """``dataset`` with a ``length`` column: :func:`pair_lengths`."""
+    return dataset.add_column(column, pair_lengths(dataset).tolist())
+
+
+def in_length_order(dataset, score):
+    """``score(dataset)`` computed over the rows sorted longest first, returned in the original row order.
+
+    A one-off pass over every row (e.g. DPO's precomputed reference log-probs) walks the data in stored order,
+    where batches are as padded as random ones; sorted, neighbours have nearly equal lengths. Longest first, so a
+    batch too big for memory fails at once. ``score`` must return the rows it was given, in that order.
+    """
+    import numpy as np
+
+    order = np.argsort(-pair_lengths(dataset), kind="stable")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return score(dataset.select(order)).select(inverse)
 
 
 def with_length_column(dataset, args):

@@ -12,6 +12,7 @@ from rlhf_lm.speed import (
     LENGTH_COLUMN,
     add_length_column,
     dpo_padding_fraction,
+    in_length_order,
     padded_width,
     padding_fraction,
     pair_length,
@@ -34,6 +35,20 @@ def test_length_column_for_dpo_and_reward_datasets():
     reward = Dataset.from_list([{"chosen_ids": [1, 2, 3, 4], "rejected_ids": [5, 6]}])
     assert add_length_column(dpo)[LENGTH_COLUMN] == [5]
     assert add_length_column(reward)[LENGTH_COLUMN] == [4]
+
+
+def test_in_length_order_scores_longest_first_and_gives_rows_back_in_their_order():
+    rows = Dataset.from_list([{"prompt_ids": [0] * p, "chosen_ids": [0] * c, "rejected_ids": [0] * r, "row": i}
+                              for i, (p, c, r) in enumerate([(1, 1, 1), (5, 2, 9), (2, 3, 1), (1, 7, 2)])])
+    seen = []
+
+    def score(sorted_rows):
+        seen.extend(sorted_rows["row"])
+        return sorted_rows.add_column("score", [10 * r for r in sorted_rows["row"]])
+
+    out = in_length_order(rows, score)
+    assert seen == [1, 3, 2, 0]  # widths 14, 8, 5, 2
+    assert out["row"] == [0, 1, 2, 3] and out["score"] == [0, 10, 20, 30]
 
 
 def test_equal_lengths_never_pad_and_grouping_removes_most_padding():

@@ -56,7 +56,7 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.speed import LengthGroupedBatches, with_length_column
+from rlhf_lm.speed import LengthGroupedBatches, in_length_order, with_length_column
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,8 @@ class DPOTrainer(LengthGroupedBatches, trl.DPOTrainer):
     batches (:class:`rlhf_lm.speed.LengthGroupedBatches`).
 
     TRL 1.16 re-runs its per-row tokenization on every dataset it is given; this skips that work when the token
-    columns are already there (and still tokenizes anything else the usual way).
+    columns are already there (and still tokenizes anything else the usual way). Precomputed reference log-probs
+    are scored in length order.
     """
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -312,11 +313,15 @@ class DPOTrainer(LengthGroupedBatches, trl.DPOTrainer):
         return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
+        score = super()._precompute_ref_logps
+        if not isinstance(dataset, Dataset):
+            return score(dataset, name, batch_size)
         # TRL 1.16's evaluate() scores the reference again on a dataset that already carries its reference
         # log-probs (e.g. trainer.evaluate(trainer.train_dataset)) and then fails on the duplicate columns.
-        if isinstance(dataset, Dataset) and {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+        if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
             return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        # TRL's one pass walks the pairs in stored order, batches as padded as random ones: sort them instead.
+        return in_length_order(dataset, lambda rows: score(rows, name, batch_size))
 
 
 # ------------------------------------------------------------------------------------------------------ data
