@@ -81,7 +81,8 @@ def dpo_fields(model: Path, data: Path, out: Path, max_length: int, batch_size: 
     return dict(model_name_or_path=str(model), dataset_name=str(data), eval_fraction=0.1, output_dir=str(out),
                 use_cpu=True, num_train_epochs=2, per_device_train_batch_size=batch_size,
                 per_device_eval_batch_size=32, learning_rate=5e-3, max_length=max_length, save_strategy="no",
-                logging_steps=10_000, disable_tqdm=True, eval_prompts=None, seed=0)
+                logging_steps=10_000, disable_tqdm=True, eval_prompts=None, seed=0,
+                cache_tokenized=False)  # every run pays for its own work (see main: no datasets cache either)
 
 
 def run_dpo(fields: dict, changes: dict) -> dict:
@@ -110,6 +111,7 @@ def run_reward(fields: dict, changes: dict) -> dict:
     from rlhf_lm.stages.reward import RewardStageConfig, RewardTrainer, load_reward_tokenizer
 
     values = {**{k: v for k, v in fields.items() if k != "eval_prompts"}, "num_train_epochs": 1, **changes}
+    values.pop("cache_tokenized")
     cfg = config_from_dict(RewardStageConfig, values, "the benchmark")
     train, eval_ds, _ = load_preference_data(cfg, seed=cfg.seed)
     tokenizer = load_reward_tokenizer(cfg)
@@ -150,6 +152,11 @@ def main() -> None:
     parser.add_argument("--output", default=str(RESULT))
     a = parser.parse_args()
     torch.set_num_threads(1)
+    import datasets
+
+    # TRL caches precomputed reference log-probs by dataset and model fingerprint: a later run of the same variant
+    # would read them back and skip the pass it is meant to pay for.
+    datasets.disable_caching()
 
     from rlhf_lm.task import TaskConfig, build_task
 
