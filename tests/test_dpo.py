@@ -308,6 +308,25 @@ def test_token_cache_is_keyed_by_data_and_tokenizer(tiny_task_dir, tmp_path):
     assert len(list(tmp_path.glob("dpo-pairs-*.arrow"))) == 3
 
 
+def test_a_rerun_on_warm_caches_trains_exactly_like_a_cold_run(tiny_task_dir, tmp_path, monkeypatch):
+    """Token cache and TRL's cache of precomputed reference log-probs: cold on the first run, read back on the
+    second. Skipping the precompute pass must not change the batches (its dataloader draws from the global RNG)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    trained = []
+    for run_index in range(2):
+        cfg = tiny_cfg(tiny_task_dir, tmp_path / f"out{run_index}", max_steps=-1, num_train_epochs=2,
+                       logging_steps=100)
+        trainer, _, _ = build_trainer(cfg)
+        assert cfg.precompute_ref_log_probs
+        trainer.train()
+        trained.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    assert list((tmp_path / "hf_cache" / "rlhf_lm").glob("cache-*.arrow"))  # TRL's reference cache was there
+    for name in trained[0]:
+        assert torch.equal(trained[0][name], trained[1][name]), name
+
+
 def test_real_multi_turn_dialogues_tokenize_like_trl_and_long_ones_are_counted(hh_pairs_path, tiny_task_dir):
     """HH-RLHF dialogues: the same token ids as TRL, and every pair over max_length counted, by mode."""
     from rlhf_lm.data import load_rows, normalize_preferences

@@ -33,6 +33,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import torch
 import trl
 from accelerate import PartialState
 from datasets import Dataset
@@ -320,8 +321,12 @@ class DPOTrainer(LengthGroupedBatches, trl.DPOTrainer):
         # log-probs (e.g. trainer.evaluate(trainer.train_dataset)) and then fails on the duplicate columns.
         if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
             return dataset
-        # TRL's one pass walks the pairs in stored order, batches as padded as random ones: sort them instead.
-        return in_length_order(dataset, lambda rows: score(rows, name, batch_size))
+        # TRL's one pass walks the pairs in stored order, batches as padded as random ones: sort them instead. Its
+        # dataloader draws a seed from the global RNG, and TRL skips the pass when its cache holds the result: fork
+        # the RNG, so training batches come out the same whether the cache was warm or cold.
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            return in_length_order(dataset, lambda rows: score(rows, name, batch_size))
 
 
 # ------------------------------------------------------------------------------------------------------ data
