@@ -323,7 +323,7 @@ def test_online_controller_in_reward_trainer(tiny_task_dir, tmp_path):
     evaluation = Dataset.from_json(str(tiny_task_dir / "data" / "pairs_eval.jsonl"))
     args = RewardConfig(output_dir=str(tmp_path), max_steps=6, learning_rate=1e-3, per_device_train_batch_size=8,
                         logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-                        disable_tqdm=True, gradient_checkpointing=False, max_length=64)
+                        disable_tqdm=True, activation_checkpointing=False, max_length=64)
     controller = build_callback({"policy": "online", "interval": 2, "probe_steps": 1, "compute_budget": 3.0,
                                  "val_batch_size": 16, "layer_schedule": ["upper", "all"]}, "reward")
     lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"])

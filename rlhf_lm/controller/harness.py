@@ -57,7 +57,7 @@ class DpoTask:
             lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_steps, beta=beta, max_length=self.max_length,
             seed=seed, data_seed=seed, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
             logging_steps=1, disable_tqdm=True, dataset_num_proc=None, weight_decay=0.0,
-            gradient_checkpointing=False,
+            activation_checkpointing=False,
         )
         args = DPOConfig(**{**settings, **overrides})
         torch.manual_seed(seed)
