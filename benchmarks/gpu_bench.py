@@ -754,6 +754,8 @@ def run_benchmark(settings: BenchSettings, cases: list[str], output: Path | None
     peak = device_peak(device_name)
     assets = build_assets(settings)
     measured: dict[str, dict[str, list[dict]]] = {}
+    output = output or RESULTS_DIR / f"gpu_bench_{settings.size}.json"
+    report = write_report(output, settings, assets, device_name, peak, {})  # earlier cases, before any new one
     for case in cases:
         if case == "generation":
             variants = [f"{v}_bs{b}" for b in settings.gen_batch_sizes for v in ("A", "B_static")]
@@ -782,8 +784,26 @@ def run_benchmark(settings: BenchSettings, cases: list[str], output: Path | None
                     result = {"error": f"{type(e).__name__}: {str(e)[:500]}"}
                     free_memory(settings.device)
                 measured[case][variant].append(result)
+        # Written after every case: a run stopped by a time limit keeps the cases it finished.
+        report = write_report(output, settings, assets, device_name, peak, {case: measured[case]})
+    return report
+
+
+def write_report(output: Path, settings: BenchSettings, assets: Assets, device_name: str, peak,
+                 measured: dict[str, dict[str, list[dict]]]) -> dict:
+    """Merge ``measured`` into the JSON at ``output`` (what earlier invocations measured on the same device stays,
+    re-measured variants are replaced), recompute ratios and targets, write it and return it."""
     cases_out = {case: {v: summarise(runs) for v, runs in by_variant.items()} for case, by_variant in measured.items()}
+    case_settings = {case: asdict(settings) for case in cases_out}
+    if output.is_file():
+        previous = json.loads(output.read_text())
+        if previous.get("device") == device_name:  # variants re-measured here replace theirs; the others stay
+            old_cases = previous.get("cases", {})
+            cases_out = {**old_cases, **{case: {**old_cases.get(case, {}), **variants}
+                                         for case, variants in cases_out.items()}}
+            case_settings = {**previous.get("case_settings", {}), **case_settings}
     for by_variant in cases_out.values():
+        by_variant.pop("ratios_vs_A", None)
         add_ratios(by_variant)
     report = {
         "benchmark": "gpu_bench", "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -791,16 +811,13 @@ def run_benchmark(settings: BenchSettings, cases: list[str], output: Path | None
         "model": {"size": settings.size, "body_params": assets.shape.body_params,
                   "head_params": assets.shape.head_params, **MODEL_SIZES[settings.size]},
         "cases": cases_out,
+        # Invocations may differ in steps or batch sizes (the online cases take fewer steps): each case keeps its own.
+        "case_settings": case_settings,
     }
-    output = output or RESULTS_DIR / f"gpu_bench_{settings.size}.json"
-    if output.is_file():  # merge: cases measured in earlier invocations stay, re-measured ones are replaced
-        previous = json.loads(output.read_text())
-        if previous.get("device") == device_name:
-            report["cases"] = {**previous.get("cases", {}), **report["cases"]}
     report["targets"] = check_targets(report["cases"], settings.size)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"[gpu_bench] wrote {output}")
+    print(f"[gpu_bench] wrote {output}", flush=True)
     return report
 
 
@@ -837,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grad-accum", type=int)
     parser.add_argument("--measure-steps", type=int)
     parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--gen-batch-sizes", help="Comma-separated batch sizes of the generation case (default 16,64).")
     parser.add_argument("--workdir", help="Where models and trainer outputs go (default /tmp/rlhf_lm_gpu_bench).")
     parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/gpu_bench_<size>.json).")
     args = parser.parse_args(argv)
@@ -868,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
                                        prompt_len=args.prompt_len, completion_len=args.completion_len,
                                        measure_steps=args.measure_steps, warmup_steps=args.warmup_steps,
                                        workdir=args.workdir).items() if v is not None}
+    if args.gen_batch_sizes:
+        overrides["gen_batch_sizes"] = [int(b) for b in args.gen_batch_sizes.split(",")]
     if args.variants:
         overrides["variants"] = [v.strip() for v in args.variants.split(",") if v.strip()]
     settings = replace(settings, **overrides)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -197,8 +198,15 @@ def test_tiny_benchmark_runs_every_dpo_variant_and_generation_on_cpu(tmp_path):
     assert "B_static_bs2" in gen["ratios_vs_A"]
     assert report["targets"] == []  # targets are stated for 1.5B only
 
+    assert report["case_settings"]["dpo_lora"]["measure_steps"] == settings.measure_steps
     # A later invocation (here measuring nothing) merges into the same file instead of overwriting it
     assert run_benchmark(settings, [], out)["cases"] == report["cases"]
+    # One that re-measures a variant replaces that variant only, and the ratios follow it
+    again = run_benchmark(replace(settings, variants=["B_memory"], measure_steps=3), ["dpo_lora"], out)["cases"]
+    assert set(again["dpo_lora"]) == set(dpo) and again["dpo_lora"]["A"] == dpo["A"]
+    assert again["dpo_lora"]["B_memory"]["steps_measured"] == 3
+    assert again["dpo_lora"]["ratios_vs_A"]["B_memory"]["tokens_per_s"] == (
+        again["dpo_lora"]["B_memory"]["tokens_per_s"] / dpo["A"]["tokens_per_s"])
 
 
 @pytest.mark.slow
