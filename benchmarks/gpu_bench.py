@@ -284,6 +284,8 @@ VARIANT_CHANGES: dict[str, dict] = {
     "B_memory": {"dtype": "bfloat16", "activation_checkpointing": True},  # our memory mode
     "B_precompute": {"dtype": "bfloat16", "precompute_ref_log_probs": True},
     "B_liger": {"dtype": "bfloat16", "use_liger_kernel": True},
+    "B_memory_liger": {"dtype": "bfloat16", "activation_checkpointing": True, "use_liger_kernel": True},
+    "B_precompute_liger": {"dtype": "bfloat16", "precompute_ref_log_probs": True, "use_liger_kernel": True},
 }
 # Full fine-tuning keeps fp32 master weights (bf16 AdamW updates lose precision): the changes touch the reference.
 FULL_VARIANT_CHANGES: dict[str, dict] = {
@@ -460,7 +462,7 @@ def build_grpo(settings: BenchSettings, assets: Assets, variant: str, out: Path)
 
 
 TRAINER_CASES: dict[str, tuple[list[str], Callable]] = {
-    "dpo_lora": (["A", "B", "B_bf16", "B_memory", "B_precompute", "B_liger"],
+    "dpo_lora": (["A", "B", "B_bf16", "B_memory", "B_precompute", "B_liger", "B_memory_liger", "B_precompute_liger"],
                  lambda s, a, v, o: build_dpo(s, a, v, o, full=False)),
     "dpo_full": (["A", "B", "B_bf16_ref", "B_precompute"], lambda s, a, v, o: build_dpo(s, a, v, o, full=True)),
     "reward_lora": (["A", "B", "B_bf16", "B_liger"], build_reward),

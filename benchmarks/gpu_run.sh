@@ -6,7 +6,8 @@
 # The GPU machine has torch, transformers, peft and accelerate but no trl or datasets and no network: the wheels travel
 # in the git-ignored .whl/ folder (pip download --no-deps ... for Python 3.12, manylinux x86_64; see
 # docs/benchmarks.md). Usage there, from the repository root:
-#     BUDGET_S=540 RESULTS=$OUT bash benchmarks/gpu_run.sh
+#     BUDGET_S=540 RESULTS=$OUT bash benchmarks/gpu_run.sh                 # the whole plan below
+#     BUDGET_S=150 RESULTS=$OUT bash benchmarks/gpu_run.sh --cases dpo_lora --variants A,B  # one invocation
 set -u
 deadline=$((SECONDS + ${BUDGET_S:-540}))
 results=${RESULTS:-benchmarks/results}
@@ -36,6 +37,10 @@ bench() {
   timeout "$left" python3 -m benchmarks.gpu_bench --size "$size" --output "$json" "$@" 2>&1 | tee -a "$log"
 }
 
+if [ $# -gt 0 ]; then  # one invocation of the caller's own (e.g. a follow-up of a few variants)
+  bench "$@"
+  exit 0
+fi
 # Training cases: warm-up 2, measure 4 optimizer steps (each under a second or two at 1.5B).
 bench --cases dpo_lora --variants A,B,B_memory,B_liger,B_precompute --warmup-steps 2 --measure-steps 4
 # Online cases: a step is a 512-token rollout (seconds), so warm-up 1, measure 2.
