@@ -12,6 +12,7 @@ from rlhf_lm.speed import (
     LENGTH_COLUMN,
     add_length_column,
     dpo_padding_fraction,
+    fingerprint_module,
     in_length_order,
     padded_width,
     padding_fraction,
@@ -144,3 +145,40 @@ def test_reward_stage_trainer_groups_batches_by_length_by_default(tmp_path):
     assert batches == 32 and mixed <= 1
     trainer.train()
     assert trainer.state.global_step == 1
+
+
+def test_model_fingerprint_follows_every_bit_name_and_dtype():
+    """The cache key of precomputed reference log-probs: equal weights give equal keys; one changed bit, a renamed
+    tensor or another dtype gives another key."""
+    from rlhf_lm.modeling import train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
+    a, b = _tiny_qwen2(tok), _tiny_qwen2(tok)
+    assert fingerprint_module(a) == fingerprint_module(b) == fingerprint_module(a)
+    with torch.no_grad():
+        weight = b.model.layers[0].mlp.up_proj.weight
+        weight.view(-1)[7] = torch.nextafter(weight.view(-1)[7], torch.tensor(float("inf")))
+    assert fingerprint_module(a) != fingerprint_module(b)
+    assert fingerprint_module(a) != fingerprint_module(a.to(torch.bfloat16))
+    renamed = torch.nn.ModuleDict({"other": _tiny_qwen2(tok)})
+    assert fingerprint_module(renamed) != fingerprint_module(_tiny_qwen2(tok))
+
+
+def test_dpo_stage_trainer_keys_precomputed_reference_by_the_fast_fingerprint(tmp_path):
+    """TRL's slow hash_module (fp32 copy + SHA-256: 12 s at 1.5B) is swapped for ours only while our trainer is
+    built; a plain TRL trainer built afterwards gets TRL's own back."""
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    from rlhf_lm.modeling import train_tokenizer
+    from rlhf_lm.stages.dpo import DPOStageConfig, DPOTrainer
+
+    tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
+    trl_hash = trl_dpo.hash_module
+    args = DPOStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, use_cpu=True,
+                          save_strategy="no", disable_tqdm=True, precompute_ref_log_probs=True)
+    model = _tiny_qwen2(tok)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(_pairs_of_two_lengths(8)),
+                         processing_class=tok)
+    assert trl_dpo.hash_module is trl_hash
+    assert trainer._precompute_model_hash == fingerprint_module(_tiny_qwen2(tok))
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names

@@ -57,7 +57,7 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.speed import LengthGroupedBatches, in_length_order, with_length_column
+from rlhf_lm.speed import LengthGroupedBatches, fast_reference_fingerprint, in_length_order, with_length_column
 
 logger = logging.getLogger(__name__)
 
@@ -305,8 +305,15 @@ class DPOTrainer(LengthGroupedBatches, trl.DPOTrainer):
 
     TRL 1.16 re-runs its per-row tokenization on every dataset it is given; this skips that work when the token
     columns are already there (and still tokenizes anything else the usual way). Precomputed reference log-probs
-    are scored in length order.
+    are scored in length order, and cached under a fingerprint of the model that takes 0.1 s instead of TRL's 12 s
+    at 1.5B (:func:`rlhf_lm.speed.fingerprint_module`).
     """
+
+    def __init__(self, *args, **kwargs):
+        import trl.trainer.dpo_trainer
+
+        with fast_reference_fingerprint(trl.trainer.dpo_trainer):
+            super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if isinstance(dataset, Dataset) and set(TOKEN_COLUMNS) <= set(dataset.column_names):
