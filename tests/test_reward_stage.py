@@ -193,6 +193,7 @@ BAD_CONFIGS = [
     ({"model_name_or_path": None}, ConfigError, "model_name_or_path"),
     ({"merge_adapter": True, "use_peft": False}, ConfigError, "merge_adapter"),
     ({"center_rewards_coefficient": -1.0}, ConfigError, "center_rewards_coefficient"),
+    ({"use_liger_kernel": True}, ConfigError, "use_liger_kernel: true is not supported by the reward stage"),
     ({"max_length": 4}, DataError, "max_length"),
     ({"dataset_name": "/nonexistent/pairs.jsonl"}, DataError, "/nonexistent/pairs.jsonl"),
     ({"model_name_or_path": "/nonexistent/model"}, RlhfError, "/nonexistent/model"),

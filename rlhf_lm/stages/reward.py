@@ -76,6 +76,13 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
             raise ConfigError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}.")
         if self.merge_adapter and not self.use_peft:
             raise ConfigError("merge_adapter: true needs use_peft: true (a full fine-tune has no adapter to merge).")
+        if self.use_liger_kernel:
+            # Measured on an H200 (liger-kernel 0.8.5, transformers 5.24): transformers applies Liger's fused
+            # LM-head loss to the model, which a sequence classifier does not have, and the first step fails with
+            # "'Qwen2ForSequenceClassification' object has no attribute 'lm_head'".
+            raise ConfigError("use_liger_kernel: true is not supported by the reward stage: Liger's fused loss "
+                              "replaces a causal LM's head, and a reward model (sequence classifier) has none. "
+                              "Remove use_liger_kernel from the reward recipe (the DPO stage supports it).")
         _call_next_post_init(self, RewardStageConfig)
 
 
