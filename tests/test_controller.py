@@ -351,7 +351,7 @@ def test_shipped_learned_weights_load_and_run_in_a_trainer(dpo_task):
     assert controller.lr_multiplier == pytest.approx(controller.history[0]["lr_factor"])
 
 
-def test_adaptive_kl_rule_steers_our_ppo_trainers_live_kl_coefficient(tiny_task_dir, tmp_path):
+def _ppo_trainer(tiny_task_dir, output_dir, controller, **overrides):
     from peft import get_peft_model
 
     from rlhf_lm.configs import ModelArguments
@@ -365,13 +365,35 @@ def test_adaptive_kl_rule_steers_our_ppo_trainers_live_kl_coefficient(tiny_task_
                            lora_config_from_args(ModelArguments(lora_r=4, lora_alpha=8)))
     prompts = [json.loads(line)["prompt"] for line in
                (tiny_task_dir / "data" / "prompts_train.jsonl").read_text().splitlines()[:32]]
+    settings = dict(output_dir=str(output_dir), max_steps=4, rollout_batch_size=16, per_device_train_batch_size=8,
+                    max_new_tokens=16, learning_rate=3e-3, logging_steps=1, use_cpu=True, disable_tqdm=True,
+                    report_to="none", save_strategy="no", seed=0, kl_coef=0.05)
+    return PPOTrainer(model, PPOConfig(**{**settings, **overrides}), tokenizer, GoldReward(), prompts,
+                      callbacks=[controller])
+
+
+def test_adaptive_kl_rule_steers_our_ppo_trainers_live_kl_coefficient(tiny_task_dir, tmp_path):
     controller = build_callback({"policy": "rules", "interval": 1, "control_lr": False, "control_beta": True,
                                  "kl_target": 1e-4, "kl_horizon": 1.0}, "ppo")
-    args = PPOConfig(output_dir=str(tmp_path), max_steps=4, rollout_batch_size=16, per_device_train_batch_size=8,
-                     max_new_tokens=16, learning_rate=3e-3, logging_steps=1, use_cpu=True, disable_tqdm=True,
-                     report_to="none", save_strategy="no", seed=0, kl_coef=0.05)
-    trainer = PPOTrainer(model, args, tokenizer, GoldReward(), prompts, callbacks=[controller])
+    trainer = _ppo_trainer(tiny_task_dir, tmp_path, controller)
     trainer.train()
     factors = [h["beta_factor"] for h in controller.history]
     assert any(f != 1.0 for f in factors)  # the KL was logged and the rule acted on it
     assert trainer.kl_ctl.value == pytest.approx(0.05 * math.prod(factors))
+
+
+def test_ppo_kl_coefficient_is_scaled_once_after_a_resume(tiny_task_dir, tmp_path):
+    """PPO's checkpoint holds the KL coefficient already scaled by the controller; the controller must not scale
+    it again when it comes back (it read the live, scaled value as its base)."""
+    spec = ControllerSpec(interval=1, control_lr=False, control_beta=True)
+    script = {0: Decision(beta_factor=2.0)}
+    kw = dict(save_strategy="steps", save_steps=2, max_steps=3)
+    full = _ppo_trainer(tiny_task_dir, tmp_path, ControllerCallback(spec, "ppo", ScriptedPolicy(script)), **kw)
+    full.train()
+    coefs = [h["objective/kl_coef"] for h in full.state.log_history if "objective/kl_coef" in h]
+    assert coefs == pytest.approx([0.05, 0.1, 0.1])  # doubled by the decision after the first step
+
+    resumed = _ppo_trainer(tiny_task_dir, tmp_path, ControllerCallback(spec, "ppo", ScriptedPolicy(script)), **kw)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.log_history[-1]["objective/kl_coef"] == pytest.approx(0.1)
+    assert resumed.kl_ctl.value == pytest.approx(full.kl_ctl.value)

@@ -394,7 +394,8 @@ class ControllerCallback(TrainerCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "spec": self.spec.to_dict(), "stage": self.stage, "lr_multiplier": self.lr_multiplier,
-            "beta_multiplier": self.beta_multiplier, "layer_group": self.layer_group, "decisions": self.decisions,
+            "beta_multiplier": self.beta_multiplier, "base_beta": self.base_beta, "layer_group": self.layer_group,
+            "decisions": self.decisions,
             "rollbacks": self.rollbacks, "probes": self.probes, "best_objective": self.best_objective,
             "history": self.history, "tracker": self.tracker.state_dict(), "policy": self.policy.state_dict(),
             "planner": self.planner.state_dict() if self.planner else None,
@@ -406,6 +407,10 @@ class ControllerCallback(TrainerCallback):
             return
         state = json.loads(path.read_text())
         self.lr_multiplier, self.beta_multiplier = state["lr_multiplier"], state["beta_multiplier"]
+        # The base is the coefficient the run started from. Read live at on_train_begin it would already carry the
+        # multiplier wherever the trainer restores the coefficient itself (PPO's KL controller is in its checkpoint),
+        # and the multiplier would then be applied twice.
+        self.base_beta = state.get("base_beta", self.base_beta)
         self.decisions, self.rollbacks, self.probes = state["decisions"], state["rollbacks"], state["probes"]
         self.best_objective, self.history = state["best_objective"], state["history"]
         self.tracker.load_state_dict(state["tracker"])
