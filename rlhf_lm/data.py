@@ -488,9 +488,22 @@ def load_prompt_data(args, seed: int = 0) -> tuple[Dataset, Dataset | None, Data
     if args.dataset_eval_split:
         eval_ds, _ = normalize_prompts(load_rows(args.dataset_name, args.dataset_eval_split, args.dataset_config),
                                        args.prompt_column)
+        eval_ds = _without_training_prompts(eval_ds, train, report, args.dataset_eval_split)
     else:
         train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
     return _take(train, args.max_train_samples), _take(eval_ds, args.max_eval_samples), report
+
+
+def _without_training_prompts(eval_ds: Dataset, train: Dataset, report: DataReport, split: str) -> Dataset:
+    """Held-out prompts that also occur in training measure memory, not generalisation: drop and count them."""
+    seen = {json.dumps(p) for p in train["prompt"]}
+    keep = [i for i, p in enumerate(eval_ds["prompt"]) if json.dumps(p) not in seen]
+    if len(keep) < len(eval_ds):
+        report.drop(f"eval: held-out prompt also in the training data ({split})", len(eval_ds) - len(keep))
+    if not keep:
+        raise DataError(f"Every prompt of the held-out split '{split}' also occurs in the training split; give "
+                        "dataset_eval_split prompts the policy is not trained on.")
+    return eval_ds.select(keep)
 
 
 def _take(ds: Dataset | None, n: int | None) -> Dataset | None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,19 @@ import torch
 
 from rlhf_lm.errors import ConfigError, DataError
 from rlhf_lm.rewards import RewardModel, check_rewards
+from rlhf_lm.sampling import (
+    Prompt,
+    encode_prompts,
+    pad_token_id,
+    prompt_text,
+    sample,
+    sampling_config,
+    seeded,
+    stop_token_ids,
+)
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[dict]
 REF_ADAPTER = "ref"  # the name TRL's DPOTrainer gives the frozen copy of a pre-trained adapter
 
 
@@ -67,22 +76,6 @@ def _as_reference(policy, reference):
     return contextlib.nullcontext(reference) if reference is not None else reference_mode(policy)
 
 
-def _prompt_text(tokenizer, prompt: Prompt) -> str:
-    """The text the model is conditioned on: plain prompts as they are, chats through the chat template."""
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def _encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
-    """Token ids of each prompt, as TRL's DPOTrainer tokenizes them (chat templates carry their own specials)."""
-    texts = [_prompt_text(tokenizer, p) for p in prompts]
-    add_special = [isinstance(p, str) for p in prompts]
-    if all(add_special) or not any(add_special):
-        return tokenizer(texts, add_special_tokens=add_special[0] if texts else True)["input_ids"]
-    return [tokenizer(t, add_special_tokens=s)["input_ids"] for t, s in zip(texts, add_special, strict=True)]
-
-
 def _device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -96,14 +89,6 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
             ids[i, width - len(s):] = torch.tensor(s)
             mask[i, width - len(s):] = 1
     return ids.to(device), mask.to(device)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id if getattr(model, "generation_config", None) else None
-    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 # -------------------------------------------------------------------------------------------------- generation
@@ -122,35 +107,32 @@ def generate_token_ids(
 ) -> list[list[int]]:
     """Sample a completion for each tokenized prompt; returns the generated ids (up to and including EOS).
 
-    Prompts are grouped by length (less padding) and left-padded; the KV cache is on. Sampling is seeded in a
-    forked RNG, so the same seed gives the same samples and the caller's random state is untouched.
+    Prompts are grouped by length (less padding) and left-padded; the KV cache is on. Tokens come from the plain
+    softmax at ``temperature`` whatever the checkpoint's generation_config says, and stop at any of its EOS ids
+    (:mod:`rlhf_lm.sampling`). Sampling is seeded in a forked RNG, so the same seed gives the same samples and the
+    caller's random state is untouched.
     """
     if not prompt_ids:
         return []
     if any(len(p) == 0 for p in prompt_ids):
         raise DataError("Cannot generate from an empty prompt.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = pad_token_id(tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     device = _device(model)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    sample = temperature > 0
-    gen_kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=pad_id,
-                      eos_token_id=sorted(eos_ids) or None, use_cache=True)
-    if sample:
-        gen_kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)  # top_k=0: no top-k cut
+    config = sampling_config(max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
     was_training = model.training
     model.eval()
     out: list[list[int] | None] = [None] * len(prompt_ids)
-    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed, device):
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 ids, mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
-                generated = model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)[:, ids.shape[1]:]
+                generated = sample(model, ids, mask, config)[:, ids.shape[1]:]
                 for row, i in zip(generated.tolist(), batch, strict=True):
-                    out[i] = _cut_at_eos(row, eos_ids)
+                    out[i] = _cut_at_eos(row, set(stop_ids))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -181,7 +163,7 @@ def generate_completions(
     ``temperature=0`` decodes greedily. Conversational prompts (lists of messages) go through the tokenizer's chat
     template with ``add_generation_prompt=True``.
     """
-    ids = generate_token_ids(model, tokenizer, _encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
+    ids = generate_token_ids(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
                              temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
@@ -243,10 +225,10 @@ def sequence_kl(policy, reference, tokenizer, prompts: list[Prompt], completions
     """
     if len(prompts) != len(completions):
         raise DataError(f"sequence_kl got {len(prompts)} prompts but {len(completions)} completions.")
-    prompt_ids = _encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     completion_ids = [ids + eos for ids in tokenizer(list(completions), add_special_tokens=False)["input_ids"]]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     policy_logps = completion_logprobs(policy, prompt_ids, completion_ids, pad_id, batch_size)
     with _as_reference(policy, reference) as ref:
         reference_logps = completion_logprobs(ref, prompt_ids, completion_ids, pad_id, batch_size)
@@ -291,10 +273,10 @@ def evaluate_policy(
         raise DataError("No evaluation prompts: the held-out prompt set is empty.")
     if reward_model is None and not gold:
         logger.info("evaluate_policy: no reward model and gold=False, so only KL and lengths are reported.")
-    prompt_ids = _encode_prompts(tokenizer, prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts)
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed)
     policy_ids = generate_token_ids(policy, tokenizer, prompt_ids, **gen)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     policy_logps = completion_logprobs(policy, prompt_ids, policy_ids, pad_id, batch_size)
     with _as_reference(policy, reference) as ref:
         reference_ids = generate_token_ids(ref, tokenizer, prompt_ids, **gen)
@@ -303,7 +285,6 @@ def evaluate_policy(
 
     policy_texts = tokenizer.batch_decode(policy_ids, skip_special_tokens=True)
     reference_texts = tokenizer.batch_decode(reference_ids, skip_special_tokens=True)
-    prompt_texts = [_prompt_text(tokenizer, p) for p in prompts]
     n = len(prompts)
     metrics: dict[str, float] = {
         "eval/num_prompts": float(n),
@@ -314,14 +295,17 @@ def evaluate_policy(
     columns: dict[str, list[float]] = {"kl": kl.tolist()}
     if reward_model is not None:
         name = getattr(reward_model, "name", type(reward_model).__name__)
-        r_pol = check_rewards(reward_model(prompt_texts, policy_texts), n, name).cpu()
-        r_ref = check_rewards(reward_model(prompt_texts, reference_texts), n, name).cpu()
+        # The reward model gets the prompts as the data has them (messages stay messages), so a classifier lays
+        # the text out as it did in training (rlhf_lm.reward_model.reward_text), with its own chat template.
+        r_pol = check_rewards(reward_model(list(prompts), policy_texts), n, name).cpu()
+        r_ref = check_rewards(reward_model(list(prompts), reference_texts), n, name).cpu()
         metrics.update({"eval/win_rate": win_rate(r_pol, r_ref), "eval/reward/policy": r_pol.mean().item(),
                         "eval/reward/reference": r_ref.mean().item()})
         columns.update(reward_policy=r_pol.tolist(), reward_reference=r_ref.tolist())
     if gold:
         from rlhf_lm.task import gold_reward
 
+        prompt_texts = [prompt_text(tokenizer, p) for p in prompts]  # the built-in task's prompts are text
         g_pol = torch.tensor([gold_reward(p, c) for p, c in zip(prompt_texts, policy_texts, strict=True)])
         g_ref = torch.tensor([gold_reward(p, c) for p, c in zip(prompt_texts, reference_texts, strict=True)])
         metrics.update({"eval/gold_win_rate": win_rate(g_pol, g_ref), "eval/gold_reward/policy": g_pol.mean().item(),
@@ -367,7 +351,7 @@ def implicit_reward_accuracy(policy, tokenizer, pairs, beta: float, *, reference
     """
     if len(pairs) == 0:
         raise DataError("implicit_reward_accuracy got no pairs.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     prompts = list(pairs["prompt_ids"]) * 2
     completions = list(pairs["chosen_ids"]) + list(pairs["rejected_ids"])
     policy_logps = torch.stack([t.sum() for t in completion_logprobs(policy, prompts, completions, pad_id,

@@ -23,9 +23,14 @@ from rlhf_lm.errors import RewardError
 
 @runtime_checkable
 class RewardModel(Protocol):
-    """Scores completions: ``reward(prompts, completions)`` returns a float tensor of shape ``(len(prompts),)``."""
+    """Scores completions: ``reward(prompts, completions)`` returns a float tensor of shape ``(len(prompts),)``.
 
-    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor: ...
+    Each prompt comes as the data has it: a string, or for conversational data a list of messages (system prompt
+    and earlier turns included); each completion is the text of the reply, special tokens stripped. PPO, GRPO/RLOO
+    and evaluation all call it this way, so a reward model sees the layout it was trained on.
+    """
+
+    def __call__(self, prompts: list[str | list[dict]], completions: list[str]) -> torch.Tensor: ...
 
 
 def check_rewards(rewards, n: int, name: str) -> torch.Tensor:
@@ -66,12 +71,17 @@ class FunctionReward:
 
 
 class GoldReward(FunctionReward):
-    """The built-in task's programmatic gold reward (see ``rlhf_lm.task``)."""
+    """The built-in task's programmatic gold reward (see ``rlhf_lm.task``). Its prompts are text; a conversational
+    prompt is judged by the text of its last message (the task's prompt, when the task is posed as a chat)."""
 
     def __init__(self):
         from rlhf_lm.task import gold_reward
 
         super().__init__(gold_reward, name="gold")
+
+    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
+        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
+        return super().__call__(texts, completions)
 
 
 def _import_object(spec: str):

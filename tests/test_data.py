@@ -193,3 +193,19 @@ def test_prompt_data_from_task(tiny_task_dir):
     args = DataArguments(dataset_name=str(tiny_task_dir / "data" / "prompts_train.jsonl"), eval_fraction=0.0)
     train, eval_ds, report = load_prompt_data(args)
     assert eval_ds is None and len(train) == report.rows_out > 100
+
+
+def test_held_out_prompts_that_are_also_training_prompts_are_dropped_and_counted(tmp_path):
+    def write(name, prompts):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+
+    write("train", ["a?", "b?", "e?"])
+    write("eval", ["b?", "c?", "e?", "d?"])
+    args = DataArguments(dataset_name=str(tmp_path), dataset_train_split="train", dataset_eval_split="eval")
+    train, eval_ds, report = load_prompt_data(args)
+    assert eval_ds["prompt"] == ["c?", "d?"] and len(train) == 3
+    assert report.dropped["eval: held-out prompt also in the training data (eval)"] == 2
+
+    write("eval", ["a?", "e?"])
+    with pytest.raises(DataError, match="Every prompt of the held-out split 'eval' also occurs"):
+        load_prompt_data(args)

@@ -108,19 +108,31 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_task_dir, tmp_pat
     assert sorted(p.name for p in two.iterdir()) == ["dpo", "pipeline.json", "ppo", "reward"]
 
 
-def test_controller_decides_once_for_both_ranks(tiny_task_dir, tmp_path):
-    """The online controller under 2-process DDP, with rank 1's probe planner disagreeing: both ranks follow rank
-    0 (same probes, same decisions) and end with identical weights, instead of hanging or training apart."""
+def launch_two_ranks(script: str, task: Path, out: Path) -> tuple[dict, dict]:
+    """Run tests/<script> in 2 CPU processes of one group; each rank writes rank<i>.json into ``out``."""
     # a bare script, not the rlhf-lm CLI: it must tell accelerate itself that the ranks are CPU ranks of one group
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--num_processes", "2", "--main_process_port",
-           str(free_port()), str(ROOT / "tests" / "ddp_controller_run.py"), str(tiny_task_dir), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+           str(free_port()), str(ROOT / "tests" / script), str(task), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
+    return tuple(json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1))
+
+
+def test_controller_decides_once_for_both_ranks(tiny_task_dir, tmp_path):
+    """The online controller under 2-process DDP, with rank 1's probe planner disagreeing: both ranks follow rank
+    0 (same probes, same decisions) and end with identical weights, instead of hanging or training apart."""
+    rank0, rank1 = launch_two_ranks("ddp_controller_run.py", tiny_task_dir, tmp_path)
     assert rank0["num_processes"] == 2
     assert rank0["probes"] >= 2  # rank 0's planner probed more than once; rank 1's alone would never have
     for key in ("probes", "decisions", "lr_multiplier", "history"):
         assert rank0[key] == rank1[key], key
     assert rank0["weights"] == rank1["weights"]
+
+
+def test_each_rank_samples_with_its_own_seed(tiny_task_dir, tmp_path):
+    """Same weights and the same prompt on both ranks: one seed for all ranks would give identical samples."""
+    rank0, rank1 = launch_two_ranks("ddp_ppo_seed_run.py", tiny_task_dir, tmp_path)
+    assert rank0["num_processes"] == rank1["num_processes"] == 2
+    assert rank0["completions"] != rank1["completions"]

@@ -88,9 +88,10 @@ def test_sampling_is_seeded_and_leaves_global_rng_alone(base, prompts):
 
 def test_generation_stops_at_eos(base, prompts):
     model, tok = base
-    from rlhf_lm.evaluation import _encode_prompts, generate_token_ids
+    from rlhf_lm.evaluation import generate_token_ids
+    from rlhf_lm.sampling import encode_prompts
 
-    ids = generate_token_ids(model, tok, _encode_prompts(tok, prompts), max_new_tokens=64, seed=0)
+    ids = generate_token_ids(model, tok, encode_prompts(tok, prompts), max_new_tokens=64, seed=0)
     for row in ids:
         assert tok.eos_token_id not in row[:-1]  # nothing after the first EOS
     assert any(row and row[-1] == tok.eos_token_id for row in ids)  # the pre-trained policy does emit EOS

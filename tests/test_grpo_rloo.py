@@ -52,9 +52,17 @@ def test_reward_function_wraps_any_reward_model():
     prompt = "Describe the cat and the dog.\n"
     good, bad = fn([prompt, prompt], ["the cat is happy . the dog is kind .", "a cold rain ."])
     assert good > bad
-    # conversational completions are scored on the last message's text
+    # conversational completions are scored on the reply's text
     chat = fn([[{"role": "user", "content": prompt}]], [[{"role": "assistant", "content": "the cat is happy ."}]])
     assert chat == [pytest.approx(GoldReward()([prompt], ["the cat is happy ."]).item())]
+    # and a conversation reaches the reward model whole: system prompt and earlier turns, as messages
+    seen = []
+    recorder = TRLRewardFunction(lambda prompts, completions: seen.extend(zip(prompts, completions)) or
+                                 torch.zeros(len(prompts)), "recorder")
+    dialogue = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you?"}]
+    recorder([dialogue], [[{"role": "assistant", "content": "fine, thanks"}]])
+    assert seen == [(dialogue, "fine, thanks")]
     broken = TRLRewardFunction(lambda prompts, completions: torch.full((len(prompts),), float("nan")), "broken_scorer")
     with pytest.raises(RewardError, match="broken_scorer"):
         broken([prompt], ["x"])

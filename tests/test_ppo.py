@@ -21,7 +21,8 @@ def read_prompts(path: Path) -> list[str]:
     return [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
 
 
-def make_trainer(task: Path, tmp_path: Path, reward=None, callbacks=None, prompts=None, **overrides) -> PPOTrainer:
+def make_trainer(task: Path, tmp_path: Path, reward=None, callbacks=None, prompts=None, lora_dropout=0.05,
+                 **overrides) -> PPOTrainer:
     from peft import get_peft_model
 
     from rlhf_lm.configs import ModelArguments
@@ -30,7 +31,8 @@ def make_trainer(task: Path, tmp_path: Path, reward=None, callbacks=None, prompt
     set_seed(0)  # LoRA's random init must not depend on what ran before
     tokenizer = load_tokenizer(str(task / "base_policy"), padding_side="left")
     model = load_causal_lm(str(task / "base_policy"), dtype="float32")
-    model = get_peft_model(model, lora_config_from_args(ModelArguments(lora_r=8, lora_alpha=16)))
+    model = get_peft_model(model, lora_config_from_args(ModelArguments(lora_r=8, lora_alpha=16,
+                                                                       lora_dropout=lora_dropout)))
     settings = dict(output_dir=str(tmp_path / "run"), max_steps=2, rollout_batch_size=16,
                     per_device_train_batch_size=8, max_new_tokens=24, learning_rate=3e-3, logging_steps=1,
                     use_cpu=True, disable_tqdm=True, report_to="none", save_strategy="no", seed=0)
@@ -269,3 +271,86 @@ def test_ppo_beats_the_reference_judged_by_gold(task_dir, tmp_path):
     assert result["eval/gold_win_rate"] >= 0.65, result
     assert result["eval/gold_reward/policy"] > result["eval/gold_reward/reference"]
     assert math.isfinite(result["eval/kl"])
+
+
+# ---------------------------------------------------------------------------------- what a real checkpoint shows
+def test_dropout_is_off_so_every_ratio_starts_at_one(tiny_task_dir, tmp_path):
+    """At learning rate 0 the update passes must reproduce the rollout's log-probs exactly; with LoRA dropout left
+    on in the updates (and off in the rollouts) they did not (SmolLM2: approxkl 2e-2, 12.5% of tokens clipped)."""
+    trainer = make_trainer(tiny_task_dir, tmp_path, lora_dropout=0.3, learning_rate=0.0, max_steps=1,
+                           vf_coef=0.0)
+    with torch.no_grad():  # LoRA B starts at 0, where dropout on the adapter's input has nothing to drop
+        for name, param in trainer.unwrapped.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    trainer.train()
+    step = trainer.state.log_history[-1]
+    assert step["policy/clipfrac"] == 0.0 and step["policy/approxkl"] < 1e-9, step
+
+
+def test_logits_come_from_the_models_own_forward(tmp_path):
+    """Gemma-2 soft-caps its final logits inside its forward: trunk + lm_head would skip that."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from rlhf_lm.ppo.model import PolicyWithValueHead
+
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config).eval()
+    policy = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    model = PolicyWithValueHead(policy).eval()
+    ids = torch.randint(0, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    start = 8
+    logits, values = model(ids, mask, start)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    expected = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1]
+    torch.testing.assert_close(logits, expected)
+    assert logits.abs().max() <= 0.5  # capped
+    assert values.shape == (2, 12 - start)
+    with policy.disable_adapter():
+        reference = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, start - 1:-1]
+    torch.testing.assert_close(model.reference_logits(ids, mask, start), reference)
+    assert not torch.allclose(reference, expected)  # the adapter does act
+
+
+def test_evaluation_leaves_the_training_rng_alone_and_reports_kl_per_token(tiny_task_dir, tmp_path):
+    from rlhf_lm.ppo.rollout import collect_rollout
+    from rlhf_lm.sampling import seeded
+
+    trainer = make_trainer(tiny_task_dir, tmp_path, max_steps=2)
+    trainer.train()  # the policy has moved from the reference: KL > 0
+    prompts = read_prompts(tiny_task_dir / "data" / "prompts_eval.jsonl")[:8]
+    trainer.eval_prompts = tokenize_prompts(prompts, trainer.tokenizer, trainer.args.max_prompt_length)[:2]
+    before = torch.get_rng_state()
+    metrics = trainer.evaluate()
+    assert torch.equal(torch.get_rng_state(), before)
+
+    # eval/kl means what it means in rlhf_lm.evaluation: nats per completion token, averaged over samples
+    with seeded(trainer.args.seed, torch.device("cpu")):
+        rollout = collect_rollout(trainer.unwrapped, trainer.tokenizer, *trainer.eval_prompts, trainer.reward_model,
+                                  trainer.args, trainer.args.per_device_eval_batch_size)
+    mask = rollout.response_mask.float()
+    per_token = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(1) / mask.sum(1)
+    assert metrics["eval/kl"] == pytest.approx(per_token.mean().item(), rel=1e-5)
+    assert metrics["eval/kl"] > 0
+
+
+def test_the_reward_model_gets_prompts_as_the_data_has_them(tiny_task_dir, tmp_path):
+    """Conversations reach the reward model as messages (a classifier then lays them out as in its training, with
+    its own chat template), not as the policy's chat-templated string."""
+    seen: list = []
+
+    def record(prompts, completions):
+        seen.extend(prompts)
+        return torch.zeros(len(prompts))
+
+    chats = [[{"role": "system", "content": "be kind"}, {"role": "user", "content": p}]
+             for p in read_prompts(tiny_task_dir / "data" / "prompts_train.jsonl")[:16]]
+    trainer = make_trainer(tiny_task_dir, tmp_path, reward=FunctionReward(record, batched=True), prompts=chats,
+                           max_steps=1)
+    trainer.train()
+    assert len(seen) == 16 and all(p in chats for p in seen)

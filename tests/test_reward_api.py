@@ -207,3 +207,32 @@ def test_backbone_without_eos_or_pad_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="no EOS token") as info:
         load_tokenizer(str(tmp_path / "bare"), require_eos=True)
     assert str(tmp_path / "bare") in str(info.value) and "eos_token" in str(info.value)
+
+
+def test_a_classifier_scores_exactly_the_tokens_reward_training_saw(tmp_path):
+    """A multi-turn conversation with a system prompt, and a reward tokenizer whose chat template differs from
+    any policy's: the ids ClassifierReward scores for (prompt, reply) are the ids TRL's RewardTrainer trains on."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf_lm.modeling import tiny_config, train_tokenizer
+    from rlhf_lm.reward_model import reward_input_ids
+
+    tok = train_tokenizer(["system user assistant be kind hi there hello friend how are you fine"] * 20,
+                          vocab_size=300)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+                         "{% endfor %}")  # not the policy's layout
+    dialogue = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi there"},
+                {"role": "assistant", "content": "hello friend"}, {"role": "user", "content": "how are you"}]
+    pairs = [{"prompt": dialogue, "chosen": [{"role": "assistant", "content": "fine"}],
+              "rejected": [{"role": "assistant", "content": "go away"}]},
+             {"prompt": "hi there ", "chosen": "hello friend", "rejected": "go away"}]
+    for pair in pairs:
+        model = AutoModelForSequenceClassification.from_config(tiny_config("llama", tok, num_labels=1))
+        trainer = RewardTrainer(model=model, args=RewardConfig(output_dir=str(tmp_path), use_cpu=True,
+                                                               report_to="none"),
+                                train_dataset=Dataset.from_list([pair]), processing_class=tok)
+        trained_on = trainer.train_dataset[0]["chosen_ids"]
+        reply = pair["chosen"] if isinstance(pair["chosen"], str) else pair["chosen"][0]["content"]
+        assert reward_input_ids(pair["prompt"], reply, tok) == trained_on

@@ -26,38 +26,53 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere: ``nn.Dropout`` modules (LoRA's included, as TRL's ``disable_dropout_in_model``) and
+    the attention dropout rate that Llama-style attention keeps as a float attribute."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 class PolicyWithValueHead(nn.Module):
     """A (PEFT) causal LM plus a scalar value head on its final hidden state.
 
     ``forward(input_ids, attention_mask, response_start)`` returns logits and values for the positions that predict
-    the response tokens only, so the vocabulary projection never runs over the prompt.
+    the response tokens only (``logits_to_keep``), so the vocabulary projection never runs over the prompt. Logits
+    come from the model's own forward: Gemma-2's final soft-capping or Granite's logit scaling live there, and a
+    trunk + ``lm_head`` shortcut would skip them.
     """
 
     def __init__(self, policy: nn.Module):
         super().__init__()
         self.policy = policy
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        self.trunk = getattr(base, base.base_model_prefix, None)
-        self.lm_head = base.get_output_embeddings()
-        if self.trunk is None or self.lm_head is None:
-            raise ConfigError(f"{type(base).__name__} is not a decoder with a separate trunk and LM head; PPO needs "
-                              "an AutoModelForCausalLM (Llama, Qwen2, Mistral, GPT-2, ...).")
+        if base.get_output_embeddings() is None:
+            raise ConfigError(f"{type(base).__name__} has no LM head; PPO needs an AutoModelForCausalLM (Llama, "
+                              "Qwen2, Mistral, Gemma, GPT-2, ...).")
         hidden = base.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1)
         # Small init so the first values are near 0 and the first value-loss gradients do not swamp the trunk.
         nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1))
         nn.init.zeros_(self.value_head.bias)
-        self.value_head.to(next(self.trunk.parameters()).device)
+        self.value_head.to(base.get_output_embeddings().weight.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 response_start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.hidden_states(input_ids, attention_mask)[:, response_start - 1:-1]
-        return self.lm_head(hidden), self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        logits, hidden = self._response_logits(input_ids, attention_mask, response_start, with_hidden=True)
+        return logits, self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        return out.last_hidden_state
+    def _response_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_start: int,
+                         with_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits at the positions that predict each response token, and (optionally) the last hidden state there."""
+        keep = input_ids.shape[1] - response_start + 1  # the last prompt position predicts the first response token
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                          position_ids=position_ids_from_mask(attention_mask), output_hidden_states=with_hidden,
+                          use_cache=False)
+        hidden = out.hidden_states[-1][:, response_start - 1:-1] if with_hidden else None
+        return out.logits[:, :-1], hidden
 
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          response_start: int) -> torch.Tensor:
@@ -66,8 +81,7 @@ class PolicyWithValueHead(nn.Module):
             raise ConfigError("PPO without LoRA (use_peft: false) has no adapter-free reference on the same weights; "
                               "enable use_peft.")
         with self.policy.disable_adapter():
-            hidden = self.hidden_states(input_ids, attention_mask)[:, response_start - 1:-1]
-            return self.lm_head(hidden)
+            return self._response_logits(input_ids, attention_mask, response_start)[0]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

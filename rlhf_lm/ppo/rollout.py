@@ -10,10 +10,10 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
 
 from rlhf_lm.ppo.model import PolicyWithValueHead
 from rlhf_lm.rewards import RewardModel, check_rewards
+from rlhf_lm.sampling import Prompt, pad_token_id, sample, sampling_config, stop_token_ids
 
 
 @dataclass
@@ -30,16 +30,8 @@ class Rollout:
     entropy: torch.Tensor         # (B, R)
     scores: torch.Tensor          # (B,) reward-model scores, before any penalty or normalisation
     has_eos: torch.Tensor         # (B,) bool
-    prompts: list[str]
+    prompts: list[Prompt]         # as the data has them: text, or a list of messages
     completions: list[str]
-
-
-def generation_config(args, tokenizer) -> GenerationConfig:
-    return GenerationConfig(
-        do_sample=True, temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,10 +45,11 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int,
+def truncate_after_eos(responses: torch.Tensor, stop_ids: list[int],
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad everything after the first EOS. Returns (responses, mask incl. the EOS token, has_eos per row)."""
-    is_eos = responses == eos_id
+    """Pad everything after the first stop token (any EOS id). Returns (responses, mask incl. that token, has_eos
+    per row)."""
+    is_eos = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
     has_eos = is_eos.any(1)
     no_eos = torch.full_like(has_eos, responses.shape[1], dtype=torch.long)
     first_eos = torch.where(has_eos, is_eos.long().argmax(1), no_eos)
@@ -75,20 +68,25 @@ def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
 
 
 @torch.no_grad()
-def collect_rollout(model: PolicyWithValueHead, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
+def collect_rollout(model: PolicyWithValueHead, tokenizer, prompts: list[Prompt], prompt_ids: list[list[int]],
                     reward_model: RewardModel, args, forward_batch_size: int, reward_name: str = "reward_model",
                     autocast=None) -> Rollout:
-    """Sample one completion per prompt, score it, and compute logprobs, reference logprobs, values and entropy."""
+    """Sample one completion per prompt, score it, and compute logprobs, reference logprobs, values and entropy.
+
+    Samples come from the full softmax at ``args.temperature`` (cut only by ``args.top_k`` / ``args.top_p``, never
+    by the checkpoint's generation_config), the distribution the log-probs below are computed from.
+    """
     device = next(model.parameters()).device
-    query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    pad_id, stop_ids = pad_token_id(tokenizer), stop_token_ids(model.policy, tokenizer)
+    query, query_mask = left_pad(prompt_ids, pad_id, device)
+    config = sampling_config(max_new_tokens=args.max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     was_training = model.training
     model.eval()
     with (autocast or nullcontext)():
-        sequences = model.policy.generate(input_ids=query, attention_mask=query_mask,
-                                          generation_config=generation_config(args, tokenizer))
+        sequences = sample(model.policy, query, query_mask, config)
     start = query.shape[1]
-    responses, response_mask, has_eos = truncate_after_eos(sequences[:, start:], tokenizer.eos_token_id,
-                                                           tokenizer.pad_token_id)
+    responses, response_mask, has_eos = truncate_after_eos(sequences[:, start:], stop_ids, pad_id)
     input_ids = torch.cat([query, responses], 1)
     attention_mask = torch.cat([query_mask, response_mask], 1)
 
@@ -106,7 +104,8 @@ def collect_rollout(model: PolicyWithValueHead, tokenizer, prompts: list[str], p
             parts[key].append(value)
     model.train(was_training)
 
-    # The text a reward model sees ends at EOS; the special tokens themselves are not part of the completion.
+    # The text a reward model sees ends at EOS; the special tokens themselves are not part of the completion. The
+    # prompts go as the data has them, so a classifier reward lays them out as in its training.
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
     scores = check_rewards(reward_model(list(prompts), completions), len(prompts), reward_name).to(device)
     mask_f = response_mask.float()

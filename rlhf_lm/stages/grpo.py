@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 class TRLRewardFunction:
     """A RewardModel in the shape TRL's online trainers call: ``fn(prompts, completions, **kwargs) -> list[float]``.
 
-    Conversational completions (lists of messages) are scored on the text of their last message.
+    Prompts go to the reward model as the data has them (a conversation stays a list of messages, system prompt and
+    earlier turns included), so a classifier lays them out as in its training; a conversational completion (TRL
+    passes ``[{"role": "assistant", "content": ...}]``) goes as the text of its reply, as PPO and evaluation pass it.
     """
 
     def __init__(self, reward: RewardModel, name: str):
@@ -41,10 +43,10 @@ class TRLRewardFunction:
         self.__name__ = name  # TRL logs rewards/<__name__>/mean
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
-        def text(x):
-            return x if isinstance(x, str) else x[-1]["content"]
+        def reply(completion):
+            return completion if isinstance(completion, str) else completion[-1]["content"]
 
-        values = self.reward([text(p) for p in prompts], [text(c) for c in completions])
+        values = self.reward(list(prompts), [reply(c) for c in completions])
         return check_rewards(values, len(completions), self.__name__).tolist()
 
 
