@@ -59,16 +59,21 @@ def pad_token_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+# Every option of generate that reshapes the distribution, at its neutral value. Passed explicitly, because an option
+# left unset is filled from the checkpoint's generation_config.
+NEUTRAL_SAMPLING = dict(top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                        repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0, num_beams=1)
+
+
 def sampling_config(*, max_new_tokens: int, stop_ids: list[int], pad_id: int, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0) -> GenerationConfig:
     """Sampling from ``softmax(logits / temperature)`` (optionally cut by ``top_k`` / ``top_p``: the caller's choice,
     never the checkpoint's); ``temperature=0`` decodes greedily. Every other option is neutral."""
-    common = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True,
-                  num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+    common = dict(max_new_tokens=max_new_tokens, eos_token_id=stop_ids or None, pad_token_id=pad_id, use_cache=True)
     if temperature <= 0:
         return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p, min_p=0.0,
-                            typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, **common)
+    return GenerationConfig(do_sample=True, **{**NEUTRAL_SAMPLING, **common, "temperature": temperature,
+                                               "top_k": top_k, "top_p": top_p})
 
 
 @contextlib.contextmanager

@@ -47,6 +47,26 @@ def test_stage_trains_the_adapter_and_writes_outputs(name, tiny_task_dir, tmp_pa
     assert (out / "tokenizer.json").is_file() and not (tmp_path / f"{name}.partial").exists()
 
 
+@pytest.mark.parametrize("name", STAGES)
+def test_online_stages_sample_from_the_plain_softmax(name, tiny_task_dir, tmp_path):
+    """TRL fills the sampling options it leaves unset (min_p, typical_p, n-gram bans, ...) from the checkpoint's
+    generation_config; our stages pin them to neutral, and the recipe's own generation_kwargs still win."""
+    from transformers import GenerationConfig
+
+    from rlhf_lm.modeling import load_causal_lm
+
+    out = tmp_path / name
+    run_stage(name, stage_args(tiny_task_dir, out, steps=1, generation_kwargs='{"min_new_tokens": 2}'))
+    kwargs = json.loads((out / "metrics.json").read_text())["config"]["generation_kwargs"]
+    assert kwargs["min_new_tokens"] == 2  # the recipe's
+    model = load_causal_lm(str(tiny_task_dir / "base_policy"), dtype="float32")
+    model.generation_config.update(min_p=0.5, typical_p=0.5, no_repeat_ngram_size=2, repetition_penalty=1.3)
+    trl_side = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, repetition_penalty=1.0)
+    prepared, _ = model._prepare_generation_config(GenerationConfig(**{**trl_side, **kwargs}))  # what generate runs
+    assert (prepared.min_p, prepared.typical_p, prepared.no_repeat_ngram_size, prepared.repetition_penalty) == (
+        0.0, 1.0, 0, 1.0)
+
+
 def test_reward_function_wraps_any_reward_model():
     fn = TRLRewardFunction(GoldReward(), "gold")
     prompt = "Describe the cat and the dog.\n"

@@ -26,6 +26,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError
 from rlhf_lm.rewards import RewardModel, check_rewards
+from rlhf_lm.sampling import NEUTRAL_SAMPLING
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class TRLRewardFunction:
 
         values = self.reward(list(prompts), [reply(c) for c in completions])
         return check_rewards(values, len(completions), self.__name__).tolist()
+
+
+def without_config_fields(options: dict, cfg) -> dict:
+    """``options`` minus those the trainer's config sets itself (TRL reads top_k, top_p, ... from its own fields)."""
+    return {k: v for k, v in options.items() if not hasattr(cfg, k) or getattr(cfg, k) is None}
 
 
 def reward_name(spec: str) -> str:
@@ -139,6 +145,10 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
         resume = last_checkpoint(partial_dir(cfg.output_dir))
         if resume is None:
             raise ArtifactError(f"resume_from_checkpoint=true but {partial_dir(cfg.output_dir)} holds no checkpoint.")
+    # TRL sets temperature, top_k, top_p, min_p and repetition_penalty from the config, but min_p's default (None)
+    # and every option it does not set are filled from the checkpoint's generation_config: pin them to neutral, as
+    # our PPO does, so samples come from the softmax the loss is computed on. The recipe's own choices win.
+    cfg.generation_kwargs = {**without_config_fields(NEUTRAL_SAMPLING, cfg), **(cfg.generation_kwargs or {})}
     final_dir = cfg.output_dir
     with staged_output(final_dir) as out:
         cfg.output_dir = str(out)
