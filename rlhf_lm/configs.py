@@ -89,6 +89,12 @@ class DataArguments:
         default="auto",
         metadata={"help": "Row format: auto, hh_rlhf, explicit, conversational, ultrafeedback, shp, prompt_only."},
     )
+    hh_format: str = field(
+        default="auto",
+        metadata={"help": "HH-RLHF dialogues: 'messages' (Human -> user, Assistant -> assistant turns, through the "
+                          "model's chat template), 'text' (raw '\\n\\nHuman: ...' strings), or 'auto' (messages when "
+                          "the tokenizer has a chat template)."},
+    )
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
     chosen_column: str = field(default="chosen", metadata={"help": "Column holding the preferred response."})
     rejected_column: str = field(default="rejected", metadata={"help": "Column holding the dispreferred response."})
@@ -96,6 +102,8 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N eval rows."})
 
     def __post_init__(self) -> None:
+        if self.hh_format not in ("auto", "messages", "text"):
+            raise ConfigError(f"hh_format must be auto, messages or text, got '{self.hh_format}'.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         _call_next_post_init(self, DataArguments)

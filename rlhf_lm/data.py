@@ -24,9 +24,11 @@ import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -277,18 +279,53 @@ def split_hh_dialogue(text: str) -> tuple[str, str] | None:
     return text[:end], text[end:]
 
 
-def _hh_rlhf(rows: Rows, cols: dict, report: DataReport, rng: random.Random):
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_dialogue_messages(text: str) -> list[dict[str, str]] | None:
+    """An HH-RLHF dialogue as chat messages (Human -> user, Assistant -> assistant), or None if it has no turns.
+
+    Consecutive turns of one speaker (a few rows have them) are joined, since chat templates expect the roles to
+    alternate; a turn's surrounding whitespace is dropped, as a chat template adds its own.
+    """
+    parts = HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    messages: list[dict[str, str]] = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
+        role, content = HH_ROLES[speaker], content.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = f"{messages[-1]['content']}\n\n{content}".strip()
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def _split_hh_messages(text: str) -> tuple[list[dict], list[dict]] | None:
+    """(prompt messages, [final assistant message]) of an HH dialogue, or None without a final assistant turn."""
+    messages = hh_dialogue_messages(text)
+    if not messages or messages[-1]["role"] != "assistant" or len(messages) < 2:
+        return None
+    return messages[:-1], messages[-1:]
+
+
+def _hh_rlhf(rows: Rows, cols: dict, report: DataReport, rng: random.Random, as_messages: bool = False):
     _require_columns(rows, [cols["chosen"], cols["rejected"]], "hh_rlhf")
+    split = _split_hh_messages if as_messages else split_hh_dialogue
     for i, row in enumerate(rows.dataset):
         chosen, rejected = row[cols["chosen"]], row[cols["rejected"]]
         _check_text(chosen, rows, i, cols["chosen"], allow_messages=False)
         _check_text(rejected, rows, i, cols["rejected"], allow_messages=False)
-        c, r = split_hh_dialogue(chosen), split_hh_dialogue(rejected)
+        c, r = split(chosen), split(rejected)
         if c is None or r is None:
             raise DataError(f"{rows.where(i)}: no '\\n\\nAssistant:' turn in the dialogue; is this HH-RLHF data? "
                             "Set data_format to match your rows.")
         if c[0] != r[0]:
             report.drop("chosen and rejected continue different prompts")
+            continue
+        if as_messages and not (c[1][0]["content"] and r[1][0]["content"]):
+            report.drop("empty response")
             continue
         yield {"prompt": c[0], "chosen": c[1], "rejected": r[1]}
 
@@ -392,8 +429,10 @@ NORMALISERS: dict[str, Callable] = {"hh_rlhf": _hh_rlhf, "explicit": _explicit, 
 
 def normalize_preferences(rows: Rows, data_format: str = "auto", prompt_column: str = "prompt",
                           chosen_column: str = "chosen", rejected_column: str = "rejected",
-                          seed: int = 0) -> tuple[Dataset, DataReport]:
-    """Turn raw rows into prompt / chosen / rejected, dropping (and counting) pairs with chosen == rejected."""
+                          seed: int = 0, hh_messages: bool = False) -> tuple[Dataset, DataReport]:
+    """Turn raw rows into prompt / chosen / rejected, dropping (and counting) pairs with chosen == rejected.
+
+    ``hh_messages``: HH-RLHF dialogues become chat messages (every earlier turn kept) instead of raw text."""
     if data_format not in PREFERENCE_FORMATS:
         raise DataError(f"Unknown data_format '{data_format}'; choose one of {', '.join(PREFERENCE_FORMATS)}.")
     ds = rows.dataset
@@ -403,7 +442,9 @@ def normalize_preferences(rows: Rows, data_format: str = "auto", prompt_column: 
     report = DataReport(source=rows.source, rows_in=len(ds))
     cols = {"prompt": prompt_column, "chosen": chosen_column, "rejected": rejected_column}
     out = []
-    for pair in NORMALISERS[data_format](rows, cols, report, random.Random(seed)):
+    normaliser = partial(_hh_rlhf, as_messages=True) if data_format == "hh_rlhf" and hh_messages \
+        else NORMALISERS[data_format]
+    for pair in normaliser(rows, cols, report, random.Random(seed)):
         if pair["chosen"] == pair["rejected"]:
             report.drop("chosen == rejected")
             continue
@@ -414,8 +455,9 @@ def normalize_preferences(rows: Rows, data_format: str = "auto", prompt_column: 
     return Dataset.from_list(out), report
 
 
-def normalize_prompts(rows: Rows, prompt_column: str = "prompt") -> tuple[Dataset, DataReport]:
-    """Prompt-only rows for PPO / GRPO / RLOO: a ``prompt`` string or message list, or an HH-RLHF dialogue."""
+def normalize_prompts(rows: Rows, prompt_column: str = "prompt", hh_messages: bool = False) -> tuple[Dataset, DataReport]:
+    """Prompt-only rows for PPO / GRPO / RLOO: a ``prompt`` string or message list, or an HH-RLHF dialogue (as chat
+    messages with ``hh_messages``)."""
     ds = rows.dataset
     report = DataReport(source=rows.source, rows_in=len(ds))
     column = prompt_column if prompt_column in ds.column_names else None
@@ -432,7 +474,12 @@ def normalize_prompts(rows: Rows, prompt_column: str = "prompt") -> tuple[Datase
         value = row[column]
         _check_text(value, rows, i, column)
         if isinstance(value, str) and ASSISTANT_TAG in value and column != prompt_column:
-            value = split_hh_dialogue(value)[0]  # an HH dialogue: prompt = up to the last assistant turn
+            # an HH dialogue: prompt = up to the last assistant turn
+            split = _split_hh_messages(value) if hh_messages else split_hh_dialogue(value)
+            if split is None:
+                raise DataError(f"{rows.where(i)}, column '{column}': an HH-RLHF dialogue without a final "
+                                "'\\n\\nAssistant:' turn.")
+            value = split[0]
         elif _is_messages(value) and value[-1]["role"] == "assistant":
             value = value[:-1]
         key = json.dumps(value)
@@ -459,17 +506,28 @@ def train_eval_split(ds: Dataset, eval_fraction: float, seed: int) -> tuple[Data
     return split["train"], split["test"]
 
 
-def load_preference_data(args, seed: int = 0) -> tuple[Dataset, Dataset | None, DataReport]:
-    """Train / eval preference datasets from ``DataArguments`` (or any object with the same fields)."""
+def hh_as_messages(args, tokenizer=None) -> bool:
+    """Whether HH-RLHF dialogues become chat messages: ``hh_format`` 'messages', or 'auto' with a tokenizer that has
+    a chat template (an instruct model is then trained on HH in its own chat format)."""
+    hh_format = getattr(args, "hh_format", "text")
+    if hh_format == "auto":
+        return getattr(tokenizer, "chat_template", None) is not None
+    return hh_format == "messages"
+
+
+def load_preference_data(args, seed: int = 0, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport]:
+    """Train / eval preference datasets from ``DataArguments`` (or any object with the same fields). ``tokenizer``
+    (the model's) decides ``hh_format: auto``."""
     if not args.dataset_name:
         raise DataError("No dataset given: set dataset_name (a local file, a directory, or a Hub dataset id).")
     rows = load_rows(args.dataset_name, args.dataset_train_split, args.dataset_config)
+    hh_messages = hh_as_messages(args, tokenizer)
     train, report = normalize_preferences(rows, args.data_format, args.prompt_column, args.chosen_column,
-                                          args.rejected_column, seed)
+                                          args.rejected_column, seed, hh_messages)
     if args.dataset_eval_split:
         eval_rows = load_rows(args.dataset_name, args.dataset_eval_split, args.dataset_config)
         eval_ds, eval_report = normalize_preferences(eval_rows, args.data_format, args.prompt_column,
-                                                     args.chosen_column, args.rejected_column, seed)
+                                                     args.chosen_column, args.rejected_column, seed, hh_messages)
         report.dropped.update({f"eval: {k}": v for k, v in eval_report.dropped.items()})
     else:
         train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
@@ -479,15 +537,16 @@ def load_preference_data(args, seed: int = 0) -> tuple[Dataset, Dataset | None, 
     return train, eval_ds, report
 
 
-def load_prompt_data(args, seed: int = 0) -> tuple[Dataset, Dataset | None, DataReport]:
-    """Train / eval prompt datasets from ``DataArguments``."""
+def load_prompt_data(args, seed: int = 0, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport]:
+    """Train / eval prompt datasets from ``DataArguments``; ``tokenizer`` decides ``hh_format: auto``."""
     if not args.dataset_name:
         raise DataError("No prompt dataset given: set dataset_name (a local file, a directory, or a Hub id).")
     rows = load_rows(args.dataset_name, args.dataset_train_split, args.dataset_config)
-    train, report = normalize_prompts(rows, args.prompt_column)
+    hh_messages = hh_as_messages(args, tokenizer)
+    train, report = normalize_prompts(rows, args.prompt_column, hh_messages)
     if args.dataset_eval_split:
         eval_ds, _ = normalize_prompts(load_rows(args.dataset_name, args.dataset_eval_split, args.dataset_config),
-                                       args.prompt_column)
+                                       args.prompt_column, hh_messages)
         eval_ds = _without_training_prompts(eval_ds, train, report, args.dataset_eval_split)
     else:
         train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
@@ -504,6 +563,30 @@ def _without_training_prompts(eval_ds: Dataset, train: Dataset, report: DataRepo
         raise DataError(f"Every prompt of the held-out split '{split}' also occurs in the training split; give "
                         "dataset_eval_split prompts the policy is not trained on.")
     return eval_ds.select(keep)
+
+
+def unseen_prompts(held_out: Dataset | None, train: Dataset) -> list[Any]:
+    """The distinct prompts of ``held_out`` rows that no ``train`` row has, in their first-seen order."""
+    if held_out is None:
+        return []
+    seen = {json.dumps(p) for p in train["prompt"]}
+    out = []
+    for prompt in held_out["prompt"]:
+        key = json.dumps(prompt)
+        if key not in seen:
+            seen.add(key)
+            out.append(prompt)
+    return out
+
+
+def held_out_prompts(args, seed: int = 0, tokenizer=None) -> list[Any]:
+    """The prompts a run held out of its training data (its eval split, or its eval_fraction share), none of them a
+    training prompt: the default prompts to judge a policy on, given the data arguments it was trained with."""
+    if getattr(args, "data_format", None) == "prompt_only":
+        _, eval_ds, _ = load_prompt_data(args, seed, tokenizer)  # already de-duplicated against training
+        return list(eval_ds["prompt"]) if eval_ds is not None else []
+    train, eval_ds, _ = load_preference_data(args, seed, tokenizer)
+    return unseen_prompts(eval_ds, train)
 
 
 def _take(ds: Dataset | None, n: int | None) -> Dataset | None:

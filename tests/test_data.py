@@ -18,7 +18,7 @@ from rlhf_lm.data import (
     split_hh_dialogue,
     train_eval_split,
 )
-from rlhf_lm.errors import DataError
+from rlhf_lm.errors import ConfigError, DataError
 
 HH = [
     {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: How are you?\n\nAssistant: Fine, thanks.",
@@ -209,3 +209,63 @@ def test_held_out_prompts_that_are_also_training_prompts_are_dropped_and_counted
     write("eval", ["a?", "e?"])
     with pytest.raises(DataError, match="Every prompt of the held-out split 'eval' also occurs"):
         load_prompt_data(args)
+
+
+# ------------------------------------------------------------------------------------------- HH-RLHF as chat
+def test_hh_dialogues_become_chat_messages():
+    from rlhf_lm.data import hh_dialogue_messages
+
+    text = "\n\nHuman: hi\n\nAssistant:  hello \n\nHuman: one\n\nHuman: two\n\nAssistant: ok"
+    assert hh_dialogue_messages(text) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "one\n\ntwo"},  # one speaker twice in a row: joined (templates alternate)
+        {"role": "assistant", "content": "ok"}]
+    assert hh_dialogue_messages("no turns at all") is None
+
+
+def test_hh_format_decides_between_messages_and_text(tmp_path):
+    from rlhf_lm.modeling import train_tokenizer
+
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: ok\n\nHuman: and?\n\nAssistant: fine thanks",
+             "rejected": "\n\nHuman: hi\n\nAssistant: ok\n\nHuman: and?\n\nAssistant: go away"},
+            {"chosen": "\n\nHuman: q\n\nAssistant: a", "rejected": "\n\nHuman: q\n\nAssistant:   "}]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chat_tok = train_tokenizer(["hi ok and fine"] * 10, vocab_size=280)  # it has a chat template
+    args = DataArguments(dataset_name=str(path), eval_fraction=0.0)
+    train, _, report = load_preference_data(args, tokenizer=chat_tok)  # hh_format: auto
+    assert train[0]["prompt"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                                  {"role": "user", "content": "and?"}]
+    assert train[0]["chosen"] == [{"role": "assistant", "content": "fine thanks"}]
+    assert len(train) == 1 and report.dropped["empty response"] == 1
+
+    chat_tok.chat_template = None  # no template: the raw text stays
+    assert load_preference_data(args, tokenizer=chat_tok)[0][0]["prompt"].endswith("\n\nAssistant:")
+    text_args = DataArguments(dataset_name=str(path), eval_fraction=0.0, hh_format="text")
+    assert isinstance(load_preference_data(text_args)[0][0]["prompt"], str)
+
+    prompts, _, _ = load_prompt_data(DataArguments(dataset_name=str(path), eval_fraction=0.0, hh_format="messages"))
+    assert prompts[0]["prompt"][-1] == {"role": "user", "content": "and?"}
+    with pytest.raises(ConfigError, match="hh_format"):
+        DataArguments(hh_format="chat")
+
+
+def test_every_shared_hh_pair_converts_to_alternating_messages(hh_pairs_path):
+    pairs, report = normalize_preferences(load_rows(str(hh_pairs_path)), "hh_rlhf", hh_messages=True)
+    assert len(pairs) + sum(report.dropped.values()) == report.rows_in == 1800
+    for prompt in pairs["prompt"]:
+        roles = [m["role"] for m in prompt]
+        assert roles[0] == "user" and roles[-1] == "user"
+        assert all(a != b for a, b in zip(roles, roles[1:]))
+
+
+def test_held_out_prompts_are_the_eval_share_minus_training_prompts(tmp_path):
+    from rlhf_lm.data import held_out_prompts
+
+    rows = [{"prompt": f"q{i % 30}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(60)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = DataArguments(dataset_name=str(tmp_path / "pairs.jsonl"), eval_fraction=0.25)
+    train, eval_ds, _ = load_preference_data(args)
+    prompts = held_out_prompts(args)
+    assert prompts and len(prompts) == len(set(prompts))
+    assert not set(prompts) & set(train["prompt"]) and set(prompts) <= set(eval_ds["prompt"])

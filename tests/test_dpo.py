@@ -346,3 +346,21 @@ def test_real_multi_turn_dialogues_tokenize_like_trl_and_long_ones_are_counted(h
         assert counted > 0 and report.rows_out == len(kept) == len(ours) - sum(report.dropped.values())
         assert len(kept) == len(ours) - prompt_drops - (0 if mode == "truncate" else
                                                         report.dropped["pair over max_length=256"])
+
+
+def test_on_data_outside_the_task_the_generation_eval_uses_the_held_out_pairs_prompts(tiny_task_dir, tmp_path):
+    """Not a task dir, no eval_prompts: the prompts of the held-out pairs that no training pair has (before, the
+    generation eval was silently skipped on real data)."""
+    from rlhf_lm.stages.dpo import load_eval_prompts, load_pairs, run
+
+    rows = [json.loads(line) for line in (tiny_task_dir / "data" / "pairs_train.jsonl").read_text().splitlines()]
+    data = tmp_path / "data" / "pairs.jsonl"  # the same rows, out of the task dir
+    data.parent.mkdir()
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    cfg = tiny_cfg(tiny_task_dir, tmp_path / "out", dataset_name=str(data), eval_dataset_name=None,
+                   eval_fraction=0.25, max_steps=1)
+    train, held_out, _, _ = load_pairs(cfg)
+    prompts = load_eval_prompts(cfg)
+    assert prompts and set(prompts) <= set(held_out["prompt"]) and not set(prompts) & set(train["prompt"])
+    metrics = run(cfg)
+    assert metrics["eval/num_prompts"] == min(len(prompts), cfg.eval_num_prompts) and "eval/kl" in metrics

@@ -48,7 +48,7 @@ from rlhf_lm.configs import (
     _call_next_post_init,
     parse_config,
 )
-from rlhf_lm.data import DataReport, load_preference_data, load_rows, normalize_preferences
+from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError
 from rlhf_lm.modeling import (
     count_parameters,
@@ -114,7 +114,7 @@ class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, PairBat
         default=None,
         metadata={"help": "Held-out prompts to sample policy and reference on after training (a prompt file or "
                           "dataset). Default: the built-in task's prompts_eval.jsonl when the data comes from a task "
-                          "dir, else none (no generation eval)."},
+                          "dir, else the prompts of the held-out pairs that no training pair has."},
     )
     reward_model: str | None = field(
         default=None,
@@ -348,19 +348,19 @@ def task_root(path: str | None) -> Path | None:
     return None
 
 
-def load_pairs(cfg: DPOStageConfig) -> tuple[Dataset, Dataset | None, DataReport, DataReport]:
-    """Train / held-out pairs from the config, each with its report."""
+def load_pairs(cfg: DPOStageConfig, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport, DataReport]:
+    """Train / held-out pairs from the config, each with its report (``tokenizer`` decides ``hh_format: auto``)."""
     if cfg.eval_dataset_name:  # the held-out pairs live elsewhere: train on all of dataset_name
-        keys = ("dataset_name", "dataset_config", "dataset_train_split", "data_format", "prompt_column",
+        keys = ("dataset_name", "dataset_config", "dataset_train_split", "data_format", "hh_format", "prompt_column",
                 "chosen_column", "rejected_column", "max_train_samples", "max_eval_samples")
         train_args = SimpleNamespace(**{k: getattr(cfg, k) for k in keys}, dataset_eval_split=None, eval_fraction=0.0)
-        train, _, report = load_preference_data(train_args, seed=cfg.seed)
+        train, _, report = load_preference_data(train_args, seed=cfg.seed, tokenizer=tokenizer)
     else:
-        train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed)
+        train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
     if cfg.eval_dataset_name:
         rows = load_rows(cfg.eval_dataset_name, cfg.dataset_eval_split or "train", cfg.dataset_config)
         eval_ds, eval_report = normalize_preferences(rows, cfg.data_format, cfg.prompt_column, cfg.chosen_column,
-                                                     cfg.rejected_column, cfg.seed)
+                                                     cfg.rejected_column, cfg.seed, hh_as_messages(cfg, tokenizer))
         if cfg.max_eval_samples:
             eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
     else:
@@ -390,17 +390,20 @@ def prepare_pairs(ds: Dataset, tokenizer, cfg: DPOStageConfig, report: DataRepor
     return tokenized
 
 
-def load_eval_prompts(cfg: DPOStageConfig) -> list[Any]:
-    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else none."""
+def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
+    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
+    held-out pairs that no training pair has."""
+    from rlhf_lm.data import normalize_prompts, unseen_prompts
+
     source = cfg.eval_prompts
     if source is None and (root := task_root(cfg.dataset_name)) is not None:
         source = str(root / "data" / "prompts_eval.jsonl")
-    if source is None:
-        return []
-    from rlhf_lm.data import normalize_prompts
-
-    prompts, _ = normalize_prompts(load_rows(source, "train"), cfg.prompt_column)
-    prompts = prompts["prompt"]
+    if source is not None:
+        prompts = normalize_prompts(load_rows(source, "train"), cfg.prompt_column,
+                                    hh_as_messages(cfg, tokenizer))[0]["prompt"]
+    else:
+        train, held_out, _, _ = load_pairs(cfg, tokenizer)
+        prompts = unseen_prompts(held_out, train)
     return prompts[: cfg.eval_num_prompts] if cfg.eval_num_prompts else prompts
 
 
@@ -452,7 +455,7 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
         raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
                                trust_remote_code=cfg.trust_remote_code, require_eos=True)
-    train, eval_ds, report, eval_report = load_pairs(cfg)
+    train, eval_ds, report, eval_report = load_pairs(cfg, tokenizer)
     with PartialState().main_process_first():  # rank 0 writes the token cache, the others then read it
         cache = token_cache_dir(cfg)
         train_tok = prepare_pairs(train, tokenizer, cfg, report, "training", cache)
@@ -511,7 +514,7 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
     """Sample the policy and its reference on held-out prompts (win-rate, reward, KL, gold) into samples.jsonl."""
     from rlhf_lm.evaluation import evaluate_policy
 
-    prompts = load_eval_prompts(cfg)
+    prompts = load_eval_prompts(cfg, tokenizer)
     if not prompts:
         return {}
     policy = trainer.accelerator.unwrap_model(trainer.model)

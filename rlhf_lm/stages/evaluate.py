@@ -15,10 +15,12 @@ is given) and ``samples.jsonl`` to ``output_dir``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
 from rlhf_lm.configs import parse_config
@@ -44,7 +46,9 @@ class EvaluateStageConfig:
     prompts: str | None = field(
         default=None,
         metadata={"help": "Held-out prompts (a file, directory or Hub dataset). Default: the built-in task's "
-                          "prompts_eval.jsonl when the policy was trained on task data."},
+                          "prompts_eval.jsonl when the policy was trained on task data, else the prompts its training "
+                          "run held out (its dataset_eval_split or eval_fraction share), none of them a training "
+                          "prompt."},
     )
     prompts_split: str = field(
         default="train",
@@ -94,6 +98,28 @@ def _training_config(policy_path: str) -> dict:
     return json.loads(metrics.read_text()).get("config", {}) if metrics.is_file() else {}
 
 
+def trained_or_auto(trained: dict) -> SimpleNamespace:
+    """The training run's hh_format (auto when it did not record one), for hh_as_messages."""
+    return SimpleNamespace(hh_format=trained.get("hh_format", "auto"))
+
+
+def _prompts_held_out_in_training(cfg: EvaluateStageConfig, trained: dict, tokenizer) -> list:
+    """The policy's own held-out prompts (its dataset's eval split or eval_fraction share), none a training prompt."""
+    from rlhf_lm.configs import DataArguments
+    from rlhf_lm.data import held_out_prompts
+
+    if not trained.get("dataset_name"):
+        raise ConfigError(f"Set prompts: {cfg.policy_path} records no training dataset to take held-out prompts "
+                          "from.")
+    fields = {f.name: trained[f.name] for f in dataclasses.fields(DataArguments) if f.name in trained}
+    prompts = held_out_prompts(SimpleNamespace(**{**asdict(DataArguments()), **fields}), trained.get("seed", 0),
+                               tokenizer)
+    if not prompts:
+        raise ConfigError(f"{cfg.policy_path} was trained without held-out data (no dataset_eval_split, "
+                          "eval_fraction 0): set prompts to the held-out prompts to judge it on.")
+    return prompts
+
+
 def load_models(cfg: EvaluateStageConfig):
     """(policy, reference or None, tokenizer). An adapter reference is loaded as the policy's "ref" adapter."""
     import torch
@@ -138,18 +164,20 @@ def load_models(cfg: EvaluateStageConfig):
 
 
 def run(cfg: EvaluateStageConfig) -> dict[str, float]:
-    from rlhf_lm.data import load_rows, normalize_prompts
+    from rlhf_lm.data import hh_as_messages, load_rows, normalize_prompts
     from rlhf_lm.evaluation import evaluate_policy
     from rlhf_lm.stages.dpo import task_root
 
     policy, reference, tokenizer = load_models(cfg)
-    trained_on = _training_config(cfg.policy_path).get("dataset_name")
+    trained = _training_config(cfg.policy_path)
     prompts_source = cfg.prompts
-    if prompts_source is None and (root := task_root(trained_on)) is not None:
+    if prompts_source is None and (root := task_root(trained.get("dataset_name"))) is not None:
         prompts_source = str(root / "data" / "prompts_eval.jsonl")
-    if prompts_source is None:
-        raise ConfigError("Set prompts: held-out prompts to sample the policy and reference on.")
-    prompts = normalize_prompts(load_rows(prompts_source, cfg.prompts_split), cfg.prompt_column)[0]["prompt"]
+    if prompts_source is not None:
+        prompts = normalize_prompts(load_rows(prompts_source, cfg.prompts_split), cfg.prompt_column,
+                                    hh_as_messages(trained_or_auto(trained), tokenizer))[0]["prompt"]
+    else:
+        prompts = _prompts_held_out_in_training(cfg, trained, tokenizer)
     prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
     reward = None
     if cfg.reward_model:

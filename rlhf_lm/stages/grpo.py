@@ -120,7 +120,7 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
     reward_fn = TRLRewardFunction(load_reward(cfg.reward_model), reward_name(cfg.reward_model))
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
-    train, eval_ds, report = load_prompt_data(cfg, cfg.seed)
+    train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
     train = filter_prompts(train, tokenizer, cfg.max_prompt_length, report)
     if eval_ds is not None:
         eval_ds = filter_prompts(eval_ds, tokenizer, cfg.max_prompt_length, report)

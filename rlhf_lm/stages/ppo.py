@@ -83,7 +83,7 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
     reward = load_reward(cfg.reward_model)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
-    train, eval_ds, report = load_prompt_data(cfg, cfg.seed)
+    train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
     set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
     model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
                            allow_pickle_weights=cfg.allow_pickle_weights)

@@ -200,7 +200,7 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
                     cfg.max_length, cfg.model_name_or_path, limit)
         cfg.max_length = limit
 
-    train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed)
+    train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
     # RewardTrainer silently drops pairs over max_length; drop them here, counted, leaving room for the EOS it adds
     # and the tokenizer's own special tokens.
     room = cfg.max_length - 1 - tokenizer.num_special_tokens_to_add() if cfg.max_length else None
