@@ -138,7 +138,29 @@ class TrainingDefaults:
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if self.report_to in (None, [None]):  # TrlParser turns the "none" default of `str | list[str]` into [None]
             self.report_to = "none"
+        check_tracking_backends(self.report_to)
         _call_next_post_init(self, TrainingDefaults)
+
+
+# report_to backends -> the pip package to install (ours where we ship an extra for it)
+TRACKING_PACKAGES = {"tensorboard": "rlhf-lm[tracking]", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
+                     "comet_ml": "comet_ml", "clearml": "clearml", "neptune": "neptune", "swanlab": "swanlab",
+                     "dvclive": "dvclive", "codecarbon": "codecarbon", "azure_ml": "azureml-core"}
+
+
+def check_tracking_backends(report_to: str | list[str]) -> None:
+    """Every backend in ``report_to`` is importable, checked before any model loads: transformers would raise deep
+    inside trainer construction (``TensorBoardCallback requires tensorboard``) after data and model are loaded."""
+    import transformers.integrations.integration_utils as integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        probe = {"azure_ml": "azureml", "comet_ml": "comet"}.get(name, name)  # transformers' is_<probe>_available
+        available = getattr(integrations, f"is_{probe}_available", None)
+        if name in ("none", "all") or available is None or available():
+            continue
+        raise ConfigError(f"report_to: {name} needs a package that is not installed: pip install "
+                          f"'{TRACKING_PACKAGES.get(name, name)}' (or set report_to: none).")
 
 
 @dataclass

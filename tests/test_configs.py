@@ -89,3 +89,14 @@ def test_every_stage_prints_its_help(stage, capsys):
         parse_config(config_cls, ["--help"])
     assert exit_info.value.code == 0
     assert "--output_dir" in capsys.readouterr().out
+
+
+def test_a_tracking_backend_that_is_not_installed_fails_before_anything_loads():
+    """transformers raises only at trainer construction (data and model already loaded), with a raw traceback."""
+    from rlhf_lm.stages.dpo import DPOStageConfig
+    from rlhf_lm.stages.ppo import PPOStageConfig
+
+    for config_cls in (DPOStageConfig, PPOStageConfig):
+        with pytest.raises(ConfigError, match=r"report_to: swanlab needs a package .*pip install 'swanlab'"):
+            config_cls(report_to="swanlab")
+    assert DPOStageConfig(report_to="tensorboard").report_to == ["tensorboard"]  # the test extra installs it
