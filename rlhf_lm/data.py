@@ -531,7 +531,7 @@ def load_preference_data(args, seed: int = 0, tokenizer=None) -> tuple[Dataset, 
         report.dropped.update({f"eval: {k}": v for k, v in eval_report.dropped.items()})
     else:
         train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
-    train = _take(train, args.max_train_samples)
+    train = _take(train, args.max_train_samples, report)
     eval_ds = _take(eval_ds, args.max_eval_samples)
     logger.info(report.summary())
     return train, eval_ds, report
@@ -550,7 +550,7 @@ def load_prompt_data(args, seed: int = 0, tokenizer=None) -> tuple[Dataset, Data
         eval_ds = _without_training_prompts(eval_ds, train, report, args.dataset_eval_split)
     else:
         train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
-    return _take(train, args.max_train_samples), _take(eval_ds, args.max_eval_samples), report
+    return _take(train, args.max_train_samples, report), _take(eval_ds, args.max_eval_samples), report
 
 
 def _without_training_prompts(eval_ds: Dataset, train: Dataset, report: DataReport, split: str) -> Dataset:
@@ -589,8 +589,15 @@ def held_out_prompts(args, seed: int = 0, tokenizer=None) -> list[Any]:
     return unseen_prompts(eval_ds, train)
 
 
-def _take(ds: Dataset | None, n: int | None) -> Dataset | None:
-    return ds.select(range(min(n, len(ds)))) if ds is not None and n else ds
+def _take(ds: Dataset | None, n: int | None, report: DataReport | None = None) -> Dataset | None:
+    """The first ``n`` rows; with a ``report``, the rows left out are counted, so its numbers add up to the rows read
+    and the later drops (length limits) read against the rows actually used."""
+    if ds is None or not n or n >= len(ds):
+        return ds
+    if report is not None:
+        report.drop(f"beyond max_train_samples={n}", len(ds) - n)
+        report.rows_out = n
+    return ds.select(range(n))
 
 
 # --------------------------------------------------------------------------------------------- length control

@@ -269,3 +269,13 @@ def test_held_out_prompts_are_the_eval_share_minus_training_prompts(tmp_path):
     prompts = held_out_prompts(args)
     assert prompts and len(prompts) == len(set(prompts))
     assert not set(prompts) & set(train["prompt"]) and set(prompts) <= set(eval_ds["prompt"])
+
+
+def test_max_train_samples_is_counted_so_the_report_adds_up(tiny_task_dir):
+    args = DataArguments(dataset_name=str(tiny_task_dir / "data" / "pairs_train.jsonl"), eval_fraction=0.0,
+                         max_train_samples=10)
+    train, _, report = load_preference_data(args)
+    assert len(train) == report.rows_out == 10
+    assert report.rows_out + sum(report.dropped.values()) == report.rows_in
+    assert report.dropped["beyond max_train_samples=10"] == report.rows_in - 10 - sum(
+        v for k, v in report.dropped.items() if not k.startswith("beyond"))

@@ -125,13 +125,22 @@ def test_long_prompts_are_dropped_and_counted_and_all_too_long_is_an_error(tiny_
     for r in rows[:5]:
         r["prompt"] = "Tell me about the cat and the dog. " * 20 + "\n"
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = tiny_cfg(tiny_task_dir, tmp_path / "out", dataset_name=str(tmp_path / "pairs.jsonl"), max_length=64)
+    cfg = tiny_cfg(tiny_task_dir, tmp_path / "out", dataset_name=str(tmp_path / "pairs.jsonl"), max_length=64,
+                   length_mode="drop")
     trainer, _, (report, _) = build_trainer(cfg)
     assert report.dropped == {"prompt alone has >= max_length=64 tokens": 5}
     assert len(trainer.train_dataset) == 19
     with pytest.raises(DataError, match="No training pairs left"):
         build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", dataset_name=str(tmp_path / "pairs.jsonl"),
-                               max_length=4))
+                               max_length=4, length_mode="drop"))
+    # the default keeps them, their prompts cut from the left; only pairs with no room at all go
+    trainer, _, (report, _) = build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out",
+                                                     dataset_name=str(tmp_path / "pairs.jsonl"), max_length=64))
+    assert report.truncated == {"prompt cut from the left to fit max_length=64": 5} and not report.dropped
+    assert len(trainer.train_dataset) == 24
+    with pytest.raises(DataError, match="No training pairs left"):
+        build_trainer(tiny_cfg(tiny_task_dir, tmp_path / "out", dataset_name=str(tmp_path / "pairs.jsonl"),
+                               max_length=2))
 
 
 def test_empty_eval_split_is_a_data_error(tiny_task_dir, tmp_path):
@@ -364,3 +373,17 @@ def test_on_data_outside_the_task_the_generation_eval_uses_the_held_out_pairs_pr
     assert prompts and set(prompts) <= set(held_out["prompt"]) and not set(prompts) & set(train["prompt"])
     metrics = run(cfg)
     assert metrics["eval/num_prompts"] == min(len(prompts), cfg.eval_num_prompts) and "eval/kl" in metrics
+
+
+def test_long_prompts_are_cut_from_the_left_and_only_impossible_pairs_dropped():
+    from rlhf_lm.stages.dpo import apply_length_limit
+
+    rows = [{"prompt_ids": list(range(1, 9)), "chosen_ids": [20, 21], "rejected_ids": [30, 31, 32]},  # 8 + 3 > 6
+            {"prompt_ids": [1, 2], "chosen_ids": [20], "rejected_ids": [30]},  # fits
+            {"prompt_ids": [1, 2], "chosen_ids": list(range(20, 26)), "rejected_ids": [30]}]  # response alone = 6
+    report = DataReport(source="pairs", rows_in=3)
+    kept = apply_length_limit(Dataset.from_list(rows), 6, "truncate_prompt", report)
+    assert kept["prompt_ids"] == [[6, 7, 8], [1, 2]]  # the last turns stay: room 6 - 3 = 3 tokens
+    assert kept["chosen_ids"] == [[20, 21], [20]] and report.rows_out == 2
+    assert report.truncated == {"prompt cut from the left to fit max_length=6": 1}
+    assert report.dropped == {"response alone has >= max_length=6 tokens": 1}

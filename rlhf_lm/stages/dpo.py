@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 # The loss types of TRL 1.16's DPOTrainer (checked against its DPOConfig help in the tests).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LENGTH_MODES = ("truncate_prompt", "truncate", "drop")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
@@ -100,10 +101,11 @@ class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, PairBat
                           "reference forward, a third of a LoRA step's FLOPs), off for a single epoch."},
     )
     length_mode: str = field(
-        default="drop",
-        metadata={"help": "Pairs longer than max_length: 'drop' them or 'truncate' the completions (keep_start). "
-                          "Either way they are counted in metrics.json; a prompt that alone fills max_length is "
-                          "always dropped."},
+        default="truncate_prompt",
+        metadata={"help": "Pairs longer than max_length: 'truncate_prompt' cuts the prompt from the left (the last "
+                          "turns stay) to leave room for the longer response, dropping only pairs whose response "
+                          "alone fills max_length; 'truncate' cuts the completions (keep_start); 'drop' drops them. "
+                          "Every such pair is counted in metrics.json."},
     )
     cache_tokenized: bool = field(
         default=True,
@@ -164,8 +166,8 @@ def check_dpo_args(cfg: DPOStageConfig) -> None:
     if "robust" in cfg.loss_type and not 0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"loss_type 'robust' needs label_smoothing in [0, 0.5) (the flip rate), got "
                           f"{cfg.label_smoothing}.")
-    if cfg.length_mode not in ("drop", "truncate"):
-        raise ConfigError(f"length_mode must be 'drop' or 'truncate', got '{cfg.length_mode}'.")
+    if cfg.length_mode not in LENGTH_MODES:
+        raise ConfigError(f"length_mode must be one of {', '.join(LENGTH_MODES)}, got '{cfg.length_mode}'.")
     if cfg.max_length is not None and cfg.max_length < 2:
         raise ConfigError(f"max_length must be at least 2 tokens (or null for no limit), got {cfg.max_length}.")
     if cfg.sft_adapter_path and not cfg.use_peft:
@@ -271,11 +273,13 @@ def tokenize_pairs(ds: Dataset, tokenizer, num_proc: int | None = None, batch_si
 
 
 def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: DataReport) -> Dataset:
-    """Drop, or count for truncation, tokenized pairs longer than ``max_length``; every one is counted in ``report``.
+    """Fit tokenized pairs into ``max_length``; every pair that is cut or dropped is counted in ``report``.
 
-    A prompt that alone fills ``max_length`` leaves no completion token to learn from and is always dropped (TRL
-    would drop it silently). Otherwise ``mode="truncate"`` keeps over-long pairs for TRL's collator to cut from the
-    end (``keep_start``) and ``mode="drop"`` removes them.
+    ``mode="truncate_prompt"`` cuts over-long prompts from the left (the last turns stay) to leave room for the longer
+    response, and drops only pairs whose response alone fills ``max_length``. Otherwise a prompt that alone fills
+    ``max_length`` leaves no completion token to learn from and is dropped (TRL would drop it silently);
+    ``mode="truncate"`` keeps the other over-long pairs for TRL's collator to cut from the end (``keep_start``) and
+    ``mode="drop"`` removes them.
     """
     if max_length is None or len(ds) == 0:
         report.rows_out = len(ds)
@@ -285,6 +289,8 @@ def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: D
 
     table = ds.with_format("arrow")[:]  # lengths straight from Arrow: no Python lists of token ids
     prompt_len, chosen_len, rejected_len = (pc.list_value_length(table[c]).to_numpy() for c in TOKEN_COLUMNS)
+    if mode == "truncate_prompt":
+        return _truncate_prompts(ds, max_length, max_length - np.maximum(chosen_len, rejected_len), prompt_len, report)
     pair_len = prompt_len + np.maximum(chosen_len, rejected_len)
     prompt_too_long = prompt_len >= max_length
     over = ~prompt_too_long & (pair_len > max_length)
@@ -297,6 +303,23 @@ def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: D
     keep = ~prompt_too_long & ~over if mode == "drop" else ~prompt_too_long
     report.rows_out = int(keep.sum())
     return ds if keep.all() else ds.select(np.flatnonzero(keep))
+
+
+def _truncate_prompts(ds: Dataset, max_length: int, room, prompt_len, report: DataReport) -> Dataset:
+    """Keep the last ``room[i]`` prompt tokens of each pair (what its longer response leaves of ``max_length``)."""
+    import numpy as np
+
+    no_room = room < 1
+    cut = ~no_room & (prompt_len > room)
+    if no_room.any():
+        report.drop(f"response alone has >= max_length={max_length} tokens", int(no_room.sum()))
+    if cut.any():
+        report.truncated[f"prompt cut from the left to fit max_length={max_length}"] += int(cut.sum())
+        keep_tokens = dict(zip(np.flatnonzero(cut).tolist(), room[cut].tolist(), strict=True))
+        ds = ds.map(lambda row, i: {"prompt_ids": row["prompt_ids"][-keep_tokens[i]:]} if i in keep_tokens else {},
+                    with_indices=True, desc="Cutting long prompts from the left")
+    report.rows_out = int((~no_room).sum())
+    return ds if not no_room.any() else ds.select(np.flatnonzero(~no_room))
 
 
 class DPOTrainer(LengthGroupedBatches, trl.DPOTrainer):
