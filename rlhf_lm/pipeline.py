@@ -343,6 +343,19 @@ def log_history_recorder(into: list):
     return LogHistoryRecorder()
 
 
+def _free_memory() -> None:
+    """Release the finished stage's models before the next stage loads its own. Trainers, callbacks and models hold
+    each other in reference cycles, which Python frees only at its next cyclic collection: until then a pipeline
+    would keep the previous stage's weights (and on GPU its cached blocks) next to the new ones."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     """Run (or skip, when finished) each stage in order; return each stage's metrics, keyed by stage name."""
     log = logger.info if _is_main_process() else logger.debug  # one copy of the progress lines, not one per rank
@@ -381,6 +394,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
             logger.error("Stage %s failed. Finished stages and any previous %s are untouched; fix the cause and "
                          "re-run the pipeline to continue from this stage.", stage.name, stage.output_dir)
             raise
+        _free_memory()
         _wait_for_everyone()
         seconds = time.perf_counter() - start
         rebuilt.add(stage.name)

@@ -30,7 +30,17 @@ class ScoreStageConfig(DataArguments):
 CONFIG = ScoreStageConfig
 
 
+def live_models() -> int:
+    """Models still in memory, garbage in reference cycles included (gc.get_objects does not collect)."""
+    import gc
+
+    from transformers import PreTrainedModel
+
+    return sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
+
+
 def run(cfg: ScoreStageConfig) -> dict[str, float]:
+    models_at_start = live_models()
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train, eval_ds, _ = load_preference_data(cfg)
     with staged_output(cfg.output_dir) as out:
@@ -38,7 +48,8 @@ def run(cfg: ScoreStageConfig) -> dict[str, float]:
         if cfg.fail:
             raise RuntimeError("simulated crash in the middle of the score stage")
         metrics = {"score/rows": float(len(train)), "score/eval_rows": float(len(eval_ds or [])),
-                   "score/vocab": float(len(tokenizer)), "score/tag": cfg.tag}
+                   "score/vocab": float(len(tokenizer)), "score/tag": cfg.tag,
+                   "score/models_at_start": float(models_at_start)}
         if cfg.gold:
             metrics["score/gold_chosen"] = sum(gold_reward(r["prompt"], r["chosen"]) for r in train) / len(train)
         write_json(out / METRICS_FILE, {**metrics, "config": dataclasses.asdict(cfg)})

@@ -158,3 +158,10 @@ def test_yaml_scientific_notation_becomes_a_number():
     plan = plan_pipeline({"stages": ["task"], "task": {"label_temperature": "3e-1", "num_train_pairs": "1e2"}})
     cfg = build_config(plan.stages[0])
     assert cfg.label_temperature == 0.3 and cfg.num_train_pairs == 100 and isinstance(cfg.num_train_pairs, int)
+
+
+def test_a_finished_stage_leaves_no_model_behind(tmp_path):
+    """Trainer, callbacks and model form reference cycles: without a collection between stages the next stage would
+    load its model while the previous one's still lives (the task's two models, or DPO's policy, say)."""
+    results = run_pipeline(plan_pipeline(recipe(tmp_path / "run")))  # the task stage pre-trains a base policy
+    assert results["score"]["score/models_at_start"] == 0
