@@ -354,3 +354,15 @@ def test_the_reward_model_gets_prompts_as_the_data_has_them(tiny_task_dir, tmp_p
                            max_steps=1)
     trainer.train()
     assert len(seen) == 16 and all(p in chats for p in seen)
+
+
+def test_target_kl_stops_the_update_epochs_early(tiny_task_dir, tmp_path):
+    """An epoch whose mean approximate KL passes target_kl ends the iteration's updates (all ranks together)."""
+    runs = {}
+    for name, target in (("full", None), ("early", 1e-9)):
+        trainer = make_trainer(tiny_task_dir, tmp_path / name, max_steps=2, num_ppo_epochs=3, target_kl=target)
+        trainer.train()
+        runs[name] = [h["ppo/epochs"] for h in trainer.state.log_history if "ppo/epochs" in h]
+    assert runs == {"full": [3.0, 3.0], "early": [1.0, 1.0]}
+    with pytest.raises(ConfigError, match="target_kl"):
+        PPOConfig(output_dir="x", target_kl=0.0)

@@ -62,6 +62,12 @@ class PPOConfig(TrainingArguments):
     cliprange_value: float = field(default=0.2, metadata={"help": "Value clip range around the rollout's values."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     entropy_coef: float = field(default=0.0, metadata={"help": "Weight of an entropy bonus (0 = logged only)."})
+    target_kl: float | None = field(
+        default=None,
+        metadata={"help": "Stop an iteration's update epochs early once an epoch's mean approximate KL between the "
+                          "rollout policy and the updated one exceeds this (nats per token; CleanRL's target_kl). "
+                          "None = always run num_ppo_epochs."},
+    )
 
     def __post_init__(self) -> None:
         if self.kl_estimator not in ("k1", "k3"):
@@ -81,6 +87,8 @@ class PPOConfig(TrainingArguments):
                 f"rollout_batch_size={self.rollout_batch_size} must be a multiple of per_device_train_batch_size * "
                 f"gradient_accumulation_steps = {self.per_device_train_batch_size} * "
                 f"{self.gradient_accumulation_steps} = {minibatch} (one optimizer update per minibatch).")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(f"target_kl must be positive (or null for no early stop), got {self.target_kl}.")
         super().__post_init__()
 
     @property

@@ -238,7 +238,10 @@ class PPOTrainer:
 
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         batch = rollout.input_ids.shape[0]
+        epochs_run = 0
         for _ in range(args.num_ppo_epochs):
+            epochs_run += 1
+            epoch_start = len(stats["policy/approxkl"])
             order = torch.randperm(batch, device=mask.device)
             for mb_start in range(0, batch, args.minibatch_size):
                 minibatch = order[mb_start:mb_start + args.minibatch_size]
@@ -277,6 +280,8 @@ class PPOTrainer:
                         stats["val/clipfrac"].append(vf_stats["clipfrac"])
                         stats["val/vpred"].append(masked_mean(vpred.float(), mask[idx]))
                         stats["val/error"].append(masked_mean((vpred.float() - returns[idx]) ** 2, mask[idx]))
+            if args.target_kl is not None and self._epoch_kl(stats["policy/approxkl"][epoch_start:]) > args.target_kl:
+                break  # the policy moved far enough from the one that sampled this batch
 
         seq_kl = kl.sum(1)
         metrics = {
@@ -293,6 +298,7 @@ class PPOTrainer:
         }
         metrics = self._reduce(metrics)
         metrics["objective/kl_coef"] = kl_coef
+        metrics["ppo/epochs"] = float(epochs_run)
         metrics["learning_rate"] = self.lr_scheduler.get_last_lr()[0]
         # Counts are summed over processes and the whole run (they go to metrics.json as totals).
         counts = acc.reduce(torch.tensor([float(batch), float(no_eos.sum())], device=mask.device), "sum").tolist()
@@ -302,6 +308,12 @@ class PPOTrainer:
         metrics["ppo/missing_eos_total"] = self.counters["missing_eos"]
         self.kl_ctl.update(metrics["objective/kl"], n_steps=int(counts[0]))
         return metrics
+
+    def _epoch_kl(self, approxkl: list[torch.Tensor]) -> float:
+        """An epoch's mean approximate KL, averaged over processes: every rank must stop at the same epoch, or their
+        gradient all-reduces would no longer pair up."""
+        value = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in approxkl]).mean()
+        return self.accelerator.reduce(value.to(self.accelerator.device), "mean").item()
 
     def _reduce(self, metrics: dict[str, torch.Tensor]) -> dict[str, float]:
         keys = list(metrics)
