@@ -480,6 +480,11 @@ def normalize_prompts(rows: Rows, prompt_column: str = "prompt", hh_messages: bo
                 raise DataError(f"{rows.where(i)}, column '{column}': an HH-RLHF dialogue without a final "
                                 "'\\n\\nAssistant:' turn.")
             value = split[0]
+        elif isinstance(value, str) and hh_messages and value.rstrip().endswith(ASSISTANT_TAG.strip()) and \
+                (turns := hh_dialogue_messages(value)):
+            # an HH prompt ("...\n\nAssistant:") in the prompt column: its turns as messages, like the pairs', without
+            # the empty assistant turn it ends on
+            value = turns[:-1]
         elif _is_messages(value) and value[-1]["role"] == "assistant":
             value = value[:-1]
         key = json.dumps(value)

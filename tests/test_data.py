@@ -279,3 +279,14 @@ def test_max_train_samples_is_counted_so_the_report_adds_up(tiny_task_dir):
     assert report.rows_out + sum(report.dropped.values()) == report.rows_in
     assert report.dropped["beyond max_train_samples=10"] == report.rows_in - 10 - sum(
         v for k, v in report.dropped.items() if not k.startswith("beyond"))
+
+
+def test_hh_prompts_in_the_prompt_column_become_messages_too(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "\n\nHuman: hi\n\nAssistant: yo\n\nHuman: and?\n\nAssistant:"}) + "\n"
+                    + json.dumps({"prompt": "\n\nHuman: bye\n\nAssistant:"}) + "\n")
+    prompts, _, _ = load_prompt_data(DataArguments(dataset_name=str(path), eval_fraction=0.0, hh_format="messages"))
+    assert prompts["prompt"] == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                  {"role": "user", "content": "and?"}], [{"role": "user", "content": "bye"}]]
+    text, _, _ = load_prompt_data(DataArguments(dataset_name=str(path), eval_fraction=0.0, hh_format="text"))
+    assert text["prompt"][1] == "\n\nHuman: bye\n\nAssistant:"
