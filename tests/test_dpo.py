@@ -387,3 +387,16 @@ def test_long_prompts_are_cut_from_the_left_and_only_impossible_pairs_dropped():
     assert kept["chosen_ids"] == [[20, 21], [20]] and report.rows_out == 2
     assert report.truncated == {"prompt cut from the left to fit max_length=6": 1}
     assert report.dropped == {"response alone has >= max_length=6 tokens": 1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_qlora_on_a_cpu_fails_before_any_data_is_read(tiny_task_dir, tmp_path):
+    cfg = tiny_cfg(tiny_task_dir, tmp_path / "out", load_in_4bit=True, dataset_name=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ConfigError, match="load_in_4bit .*needs a CUDA GPU"):
+        build_trainer(cfg)  # not the DataError of the missing file: nothing was read
+
+
+def test_a_bf16_full_fine_tune_without_sharding_warns_that_updates_round_away(tiny_task_dir, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="rlhf_lm.stages.dpo"):
+        tiny_cfg(tiny_task_dir, tmp_path / "out", use_peft=False, dtype="bfloat16")
+    assert "no float32 master weights" in caplog.text
