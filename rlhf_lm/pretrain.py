@@ -19,10 +19,11 @@ def pretrain_causal_lm(
 ) -> dict[str, float]:
     """Train the model saved in ``model_dir`` on ``texts`` (each ends with EOS) and save it back in place.
 
-    A constant learning rate for ~1,000 steps (the default 8 epochs of 4,000 texts) matters more than it looks: the
-    tiny model first learns word statistics and ignores the prompt, and only after ~500 steps does its attention
-    start copying the prompt's topic into the completion. A decaying schedule of a few hundred steps stops before
-    that, leaving a base policy (and a reward model initialised from it) blind to the prompt.
+    A constant learning rate for ~1,500 steps (the task's default 12 epochs of 4,000 texts) matters more than it
+    looks: the tiny model first learns word statistics and ignores the prompt, and only after ~500 steps does its
+    attention start copying the prompt's topic into the completion. A decaying schedule of a few hundred steps stops
+    before that, leaving a base policy (and a reward model initialised from it) blind to the prompt. At 8 epochs one
+    seed in five still stopped short (seed 4: its reward model reached 0.735 gold accuracy, 0.854 at 12 epochs).
     """
     from trl import SFTConfig, SFTTrainer
 

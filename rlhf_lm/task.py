@@ -183,7 +183,7 @@ def build_task(
     output_dir: str | Path,
     config: TaskConfig | None = None,
     arch: str = "llama",
-    pretrain_epochs: int = 8,
+    pretrain_epochs: int = 12,
     **model_overrides,
 ) -> Path:
     """Write the task to ``output_dir``: data files and a briefly pre-trained tiny base policy.

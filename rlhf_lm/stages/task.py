@@ -17,7 +17,7 @@ from rlhf_lm.task import TaskConfig, build_task
 class TaskStageConfig(TaskConfig):
     output_dir: str = field(default="runs/task", metadata={"help": "Where to write the task."})
     arch: str = field(default="llama", metadata={"help": "Tiny base-policy family: llama or qwen2."})
-    pretrain_epochs: int = field(default=8, metadata={"help": "Epochs of causal-LM pre-training of the base policy."})
+    pretrain_epochs: int = field(default=12, metadata={"help": "Epochs of causal-LM pre-training of the base policy."})
     hidden_size: int = field(default=64, metadata={"help": "Width of the tiny base policy."})
     num_hidden_layers: int = field(default=2, metadata={"help": "Depth of the tiny base policy."})
 
