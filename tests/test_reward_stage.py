@@ -344,3 +344,31 @@ def test_moved_run_folder_still_finds_its_base(lora_rm, tiny_task_dir, tmp_path,
     shutil.rmtree((moved / rel).resolve())
     with pytest.raises(RlhfError, match="Cannot find the base model"):
         load_reward(str(moved))
+
+
+def test_long_conversations_keep_their_last_turns_and_only_impossible_pairs_are_dropped(tmp_path):
+    """Measured in the exact tokens RewardTrainer trains on: earlier turns go first (a system message stays), and a
+    pair is dropped only when its response does not fit even after the last user turn."""
+    from datasets import Dataset
+
+    from rlhf_lm.data import DataReport
+    from rlhf_lm.modeling import train_tokenizer
+    from rlhf_lm.reward_model import fit_pairs_to_length, reward_input_ids
+
+    tok = train_tokenizer(["system user assistant hello there how are you fine thanks bye now"] * 20, vocab_size=300)
+    system = {"role": "system", "content": "be kind"}
+    turns = [{"role": "user", "content": "hello there " * 5}, {"role": "assistant", "content": "fine thanks " * 5},
+             {"role": "user", "content": "how are you"}]
+    reply = [{"role": "assistant", "content": "fine"}]
+    rows = [{"prompt": [system, *turns], "chosen": reply, "rejected": [{"role": "assistant", "content": "bye now"}]},
+            {"prompt": [turns[-1]], "chosen": reply, "rejected": reply[:0] + [{"role": "assistant", "content": "ok"}]},
+            {"prompt": [turns[-1]], "chosen": [{"role": "assistant", "content": "hello there " * 40}],
+             "rejected": reply}]
+    limit = max(len(reward_input_ids([system, turns[-1]], r, tok)) for r in (reply, rows[0]["rejected"]))
+    report = DataReport(source="pairs", rows_in=3)
+    kept = fit_pairs_to_length(Dataset.from_list(rows), tok, limit, report)
+    assert kept["prompt"] == [[system, turns[-1]], [turns[-1]]]
+    assert report.truncated == {f"prompt cut from the left to fit max_length={limit}": 1}
+    assert sum(report.dropped.values()) == 1 and report.rows_out == 2
+    for row in kept:
+        assert max(len(reward_input_ids(row["prompt"], row[c], tok)) for c in ("chosen", "rejected")) <= limit

@@ -37,7 +37,7 @@ from rlhf_lm.configs import (
     _call_next_post_init,
     parse_config,
 )
-from rlhf_lm.data import DataReport, filter_by_length, load_preference_data
+from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError
 from rlhf_lm.modeling import (
     count_parameters,
@@ -47,7 +47,7 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.reward_model import ClassifierReward, preference_metrics
+from rlhf_lm.reward_model import ClassifierReward, fit_pairs_to_length, preference_metrics
 from rlhf_lm.speed import LengthGroupedBatches
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
     """Reward-model training: model + LoRA, data, and TRL's RewardConfig (learning rate, epochs, max_length...)."""
 
     output_dir: str = field(default="runs/reward", metadata={"help": "Where the reward model artifact is written."})
+    length_mode: str = field(
+        default="truncate_prompt",
+        metadata={"help": "Pairs longer than max_length: 'truncate_prompt' drops a conversation's earliest turns (or "
+                          "cuts a text prompt from the left) until they fit, dropping only pairs whose response does "
+                          "not fit after the last user turn; 'drop' drops them. Either way they are counted."},
+    )
     merge_adapter: bool = field(
         default=False,
         metadata={"help": "Save base + LoRA merged into one model instead of the adapter (bigger, self-contained)."},
@@ -74,6 +80,8 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
             self.report_to = "none"
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise ConfigError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}.")
+        if self.length_mode not in ("truncate_prompt", "drop"):
+            raise ConfigError(f"length_mode must be 'truncate_prompt' or 'drop', got '{self.length_mode}'.")
         if self.merge_adapter and not self.use_peft:
             raise ConfigError("merge_adapter: true needs use_peft: true (a full fine-tune has no adapter to merge).")
         if self.use_liger_kernel:
@@ -201,14 +209,13 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
         cfg.max_length = limit
 
     train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
-    # RewardTrainer silently drops pairs over max_length; drop them here, counted, leaving room for the EOS it adds
-    # and the tokenizer's own special tokens.
-    room = cfg.max_length - 1 - tokenizer.num_special_tokens_to_add() if cfg.max_length else None
+    # RewardTrainer silently drops pairs over max_length: fit them here (long prompts keep their last turns), every
+    # cut or dropped pair counted, measured in the exact tokens RewardTrainer will see.
     eval_report = DataReport(source=f"{report.source} (eval)", rows_in=len(eval_ds) if eval_ds is not None else 0)
-    if room:
-        train = filter_by_length(train, tokenizer, room, report)
+    if cfg.max_length:
+        train = fit_pairs_to_length(train, tokenizer, cfg.max_length, report, cfg.length_mode)
         if eval_ds is not None:
-            eval_ds = filter_by_length(eval_ds, tokenizer, room, eval_report)
+            eval_ds = fit_pairs_to_length(eval_ds, tokenizer, cfg.max_length, eval_report, cfg.length_mode)
     logger.info(report.summary())
 
     peft_config = lora_config_from_args(cfg, task_type="SEQ_CLS", modules_to_save=[head])
