@@ -1,0 +1,78 @@
+"""Never a silent fallback: stop before training when the processes that started are not what the launch asked for.
+
+Two launches that look distributed and are not, both verified with accelerate 1.15 on CPU:
+
+* ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple launcher), and nothing in
+  its environment says two were asked for; only the launcher's own command line does.
+* a config with ``distributed_type: FSDP`` and ``use_cpu: true`` starts two processes that each report
+  ``DistributedType.NO`` and ``num_processes 1``: two independent, unsharded runs (torchrun set ``WORLD_SIZE=2``).
+
+Either way the user would pay for N processes' worth of setup and get one unsharded run per process, each writing
+the same output directory. :func:`check_launch` turns both into one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rlhf_lm.errors import ConfigError
+
+FIX = ("For several CPU processes use accelerate_configs/multi_cpu.yaml (distributed_type: MULTI_CPU); FSDP and "
+       "DeepSpeed need GPUs.")
+
+
+def launcher_num_processes(ppid: int | None = None) -> int | None:
+    """``--num_processes N`` from the command line of the process that started this one (Linux /proc), if any."""
+    cmdline = Path(f"/proc/{ppid or os.getppid()}/cmdline")
+    try:
+        args = cmdline.read_bytes().split(b"\0")
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in args if a]
+    if not any(a == "launch" or a.endswith("commands.launch") for a in args):  # `accelerate launch` or `-m ...launch`
+        return None
+    for i, arg in enumerate(args):
+        for flag in ("--num_processes", "--num-processes"):
+            if arg == flag and i + 1 < len(args) and args[i + 1].isdigit():
+                return int(args[i + 1])
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+                return int(value) if value.isdigit() else None
+    return None
+
+
+def check_launch(num_processes: int, distributed_type: str, environ: dict[str, str] | None = None,
+                 requested: int | None = None) -> None:
+    """Raise a ConfigError when the process group differs from the launch: ``num_processes`` and
+    ``distributed_type`` as accelerate's state reports them, ``environ`` the process environment (default
+    ``os.environ``), ``requested`` the launcher's ``--num_processes`` (default: read from the parent process)."""
+    environ = dict(os.environ if environ is None else environ)
+    world = int(environ.get("WORLD_SIZE", "1") or 1)
+    if world > num_processes:
+        raise ConfigError(f"{world} processes were started (WORLD_SIZE={world}) but each runs alone "
+                          f"(num_processes {num_processes}, {distributed_type}): they would train {world} separate "
+                          f"copies. {FIX}")
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and "FSDP" not in distributed_type:
+        raise ConfigError(f"The launch asked for FSDP but the processes run as {distributed_type} (accelerate "
+                          f"ignores FSDP with use_cpu: true), unsharded. {FIX}")
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and "DEEPSPEED" not in distributed_type:
+        raise ConfigError(f"The launch asked for DeepSpeed but the processes run as {distributed_type}. {FIX}")
+    requested = launcher_num_processes() if requested is None else requested
+    if requested and requested > num_processes and world == 1:
+        raise ConfigError(f"accelerate launch was asked for {requested} processes but started {num_processes} "
+                          f"(--cpu starts one). {FIX}")
+
+
+def check_current_launch() -> None:
+    """:func:`check_launch` for this process, from accelerate's state.
+
+    The state is a process-wide singleton that the first caller configures, so it is built here exactly as the
+    stages' TrainingArguments build it (``cpu`` from ACCELERATE_USE_CPU); a bare ``PartialState()`` would fix CPU
+    ranks as separate single-process runs for the whole process.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    check_launch(state.num_processes, str(state.distributed_type))

@@ -1,0 +1,57 @@
+"""Never a silent fallback: launches that would start separate unsharded runs stop with one clear error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_lm.errors import ConfigError
+from rlhf_lm.launch import check_launch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_checks_by_hand():
+    check_launch(1, "DistributedType.NO", {}, requested=None)  # a plain run
+    check_launch(2, "DistributedType.MULTI_CPU", {"WORLD_SIZE": "2"}, requested=2)  # a real group
+    with pytest.raises(ConfigError, match="2 processes were started .* separate copies"):
+        check_launch(1, "DistributedType.NO", {"WORLD_SIZE": "2"}, requested=None)
+    with pytest.raises(ConfigError, match="asked for FSDP"):
+        check_launch(1, "DistributedType.NO", {"ACCELERATE_USE_FSDP": "true"}, requested=None)
+    with pytest.raises(ConfigError, match="asked for 2 processes but started 1"):
+        check_launch(1, "DistributedType.NO", {}, requested=2)
+
+
+def _launch(tmp_path: Path, *args: str) -> list[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, str(ROOT / "tests" / "launch_probe.py")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return [line for line in done.stdout.splitlines() if line.startswith("LAUNCH")]
+
+
+def test_cpu_flag_with_two_processes_is_refused(tmp_path):
+    """`--cpu --num_processes 2` starts one process, and only the launcher's command line says two were asked for."""
+    assert _launch(tmp_path, "--cpu", "--num_processes", "2") == [
+        "LAUNCH ERROR: accelerate launch was asked for 2 processes but started 1 (--cpu starts one). For several CPU "
+        "processes use accelerate_configs/multi_cpu.yaml (distributed_type: MULTI_CPU); FSDP and DeepSpeed need GPUs."]
+
+
+def test_fsdp_on_cpu_is_refused(tmp_path):
+    config = yaml.safe_load((ROOT / "accelerate_configs" / "fsdp.yaml").read_text())
+    config.update(use_cpu=True, num_processes=2, mixed_precision="no")
+    (tmp_path / "fsdp_cpu.yaml").write_text(yaml.safe_dump(config))
+    lines = _launch(tmp_path, "--config_file", str(tmp_path / "fsdp_cpu.yaml"), "--main_process_port", "0")
+    # The CLI makes CPU ranks one gloo group, where accelerate drops the FSDP request: unsharded DDP, refused.
+    assert lines and all(x.startswith("LAUNCH ERROR: The launch asked for FSDP but the processes run as "
+                                      "DistributedType.MULTI_CPU") for x in lines), lines
+
+
+def test_a_real_two_process_group_passes(tmp_path):
+    lines = _launch(tmp_path, "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+                    "--num_processes", "2", "--main_process_port", "0")
+    assert lines == ["LAUNCH OK", "LAUNCH OK"]
