@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -61,12 +62,35 @@ class ModelArguments(ModelConfig):
     def __post_init__(self) -> None:
         if self.lora_r <= 0:
             raise ConfigError(f"lora_r must be a positive integer, got {self.lora_r}.")
+        if not self.use_peft:
+            changed = [f.name for f in dataclasses.fields(ModelArguments) if f.name in LORA_KEYS
+                       and getattr(self, f.name) != _default(f)]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} set with use_peft: false: a full fine-tune has no LoRA "
+                                  "adapter, so these keys would be ignored. Remove them, or set use_peft: true.")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         ModelConfig.__post_init__(self)
         _call_next_post_init(self, ModelConfig)  # resolves bf16 (TrainingDefaults) before the dtype default below
         if self.dtype is None:
             self.dtype = "bfloat16" if self.use_peft and getattr(self, "bf16", False) else "float32"
+
+
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+             "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def overwrite_output_dir_field() -> Any:
+    """The ``overwrite_output_dir`` key every stage has (transformers 5 dropped its own)."""
+    return field(default=False, metadata={
+        "help": "Replace output_dir when it holds a finished run of rlhf-lm (never a folder it did not create). "
+                "Also starts over when <output_dir>.partial holds checkpoints of an unfinished run."})
 
 
 @dataclass
@@ -82,8 +106,10 @@ class DataArguments:
     dataset_eval_split: str | None = field(
         default=None, metadata={"help": "Split used for evaluation; if unset, eval_fraction of the train split."}
     )
-    eval_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction held out for evaluation when no eval split is given (by seed)."}
+    eval_fraction: float | None = field(
+        default=None,
+        metadata={"help": "Fraction held out for evaluation (by seed) when no eval split is given; default 0.1. Set "
+                          "with dataset_eval_split on a single file, it holds out this fraction of the file instead."},
     )
     data_format: str = field(
         default="auto",
@@ -104,7 +130,7 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.hh_format not in ("auto", "messages", "text"):
             raise ConfigError(f"hh_format must be auto, messages or text, got '{self.hh_format}'.")
-        if not 0.0 <= self.eval_fraction < 1.0:
+        if self.eval_fraction is not None and not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         _call_next_post_init(self, DataArguments)
 
@@ -130,8 +156,16 @@ class TrainingDefaults:
     report_to: str | list[str] = field(
         default="none", metadata={"help": "Loggers (tensorboard, wandb, trackio, ...); 'none' logs to console only."}
     )
+    overwrite_output_dir: bool = overwrite_output_dir_field()
 
     def __post_init__(self) -> None:
+        from rlhf_lm.redaction import take_hub_token
+
+        take_hub_token(self)  # before transformers pickles the config into training_args.bin
+        check_batch_sizes(self)
+        if getattr(self, "fp16", False) and (getattr(self, "use_cpu", False) or not _has_accelerator()):
+            raise ConfigError("fp16: true needs a GPU (fp16 mixed precision does not run on CPU, it would be "
+                              "ignored). Remove fp16, or use bf16: true on CPU.")
         if self.bf16 is None:
             import torch
 
@@ -163,6 +197,25 @@ def check_tracking_backends(report_to: str | list[str]) -> None:
                           f"'{TRACKING_PACKAGES.get(name, name)}' (or set report_to: none).")
 
 
+BATCH_KEYS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+
+
+def check_batch_sizes(cfg: Any, keys: tuple[str, ...] = BATCH_KEYS) -> None:
+    """Batch sizes and accumulation steps are positive integers (0 divides by zero deep in a trainer; a negative
+    one passes PPO's multiple-of check and trains nothing)."""
+    for key in keys:
+        value = getattr(cfg, key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}.")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class PairBatching:
     """Preference-pair stages (reward, DPO): batch pairs of similar length, so less of each batch is padding."""
@@ -179,9 +232,81 @@ def field_names(config_cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls) if f.init]
 
 
+# Names other tools use for our keys (PEFT's `r`, Axolotl / torchtune's `lora_rank`, ...): spelling distance alone
+# suggests the wrong key for these (`lora_rank` is closer to `local_rank` than to `lora_r`).
+KEY_ALIASES = {
+    "lora_rank": "lora_r", "rank": "lora_r", "r": "lora_r", "lora_targets": "lora_target_modules",
+    "target_modules": "lora_target_modules", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
+    "train_batch_size": "per_device_train_batch_size", "micro_batch_size": "per_device_train_batch_size",
+    "eval_batch_size": "per_device_eval_batch_size", "grad_accum": "gradient_accumulation_steps",
+    "gradient_accumulation": "gradient_accumulation_steps", "epochs": "num_train_epochs",
+    "num_epochs": "num_train_epochs", "model": "model_name_or_path", "model_name": "model_name_or_path",
+    "base_model": "model_name_or_path", "dataset": "dataset_name", "data_path": "dataset_name",
+    "output": "output_dir", "out_dir": "output_dir", "resume": "resume_from_checkpoint",
+}
+
+
+def closest_key(key: str, valid: list[str]) -> str | None:
+    """The valid key a user most likely meant: a known alias, else the closest spelling among keys that share the
+    first word (``lora_*`` for ``lora_rank``), else the closest spelling of any key."""
+    if KEY_ALIASES.get(key) in valid:
+        return KEY_ALIASES[key]
+    head = key.split("_")[0]
+    same_head = [v for v in valid if v.split("_")[0] == head]
+    for candidates in (same_head, valid):
+        match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+        if match:
+            return match[0]
+    return None
+
+
 def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else ""
+    match = closest_key(key, valid)
+    return f" Did you mean '{match}'?" if match else ""
+
+
+_TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f")
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+def _scalar_kinds(hint: Any) -> set[type] | None:
+    """{int}, {float}, {bool} (plus NoneType when optional) for a plain scalar field; None for anything else."""
+    kinds = set(typing.get_args(hint)) or {hint}
+    return kinds if kinds and kinds <= {int, float, bool, type(None)} and kinds - {type(None)} else None
+
+
+def _fits(value: Any, kinds: set[type]) -> bool:
+    if value is None:
+        return type(None) in kinds
+    if bool in kinds and (isinstance(value, bool) or str(value).strip().lower() in _TRUE + _FALSE):
+        return True
+    if isinstance(value, bool):
+        return False
+    for kind in (int, float):
+        if kind in kinds:
+            if isinstance(value, int) or (kind is float and isinstance(value, float)):
+                return True
+            if isinstance(value, str):
+                try:
+                    kind(value.strip())
+                    return True
+                except ValueError:
+                    pass
+    return False
+
+
+def check_value_types(config_cls: type, values: dict[str, Any], source: str) -> None:
+    """A ConfigError naming ``source`` and the key for a value that cannot be its field's number or bool type
+    (``learning_rate: abc``); argparse would print its whole usage text and not say which file was wrong."""
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # an annotation that cannot be resolved: the dataclass checks still run
+        return
+    for key, value in values.items():
+        kinds = _scalar_kinds(hints.get(key))
+        if kinds and not _fits(value, kinds):
+            names = " or ".join(_KIND_NAMES[k] for k in (bool, int, float) if k in kinds)
+            raise ConfigError(f"{source}: {key} must be {names}, got {value!r}.")
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -218,9 +343,11 @@ def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
         recipe = load_recipe(args[i + 1])
         recipe.pop("env", None)  # TrlParser sets these as environment variables
         check_keys(list(recipe), config_cls, f"recipe {args[i + 1]}")
+        check_value_types(config_cls, recipe, f"recipe {args[i + 1]}")
         if not recipe:  # an empty recipe sets nothing (TrlParser would reject it)
             del args[i : i + 2]
     parser = TrlParser([config_cls])
+    parser.error = _argparse_error  # one ConfigError line instead of argparse's usage text and exit
     try:
         *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
     except ConfigError:
@@ -234,9 +361,14 @@ def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
     return parsed[0]
 
 
+def _argparse_error(message: str) -> None:
+    raise ConfigError(f"command-line flags: {message}.")
+
+
 def config_from_dict(config_cls: type[T], values: dict[str, Any], source: str = "a dict") -> T:
-    """Build a stage config from a mapping (e.g. one stage of a pipeline recipe), checking keys."""
+    """Build a stage config from a mapping (e.g. one stage of a pipeline recipe), checking keys and value types."""
     check_keys(list(values), config_cls, source)
+    check_value_types(config_cls, values, source)
     try:
         return config_cls(**values)
     except ConfigError:

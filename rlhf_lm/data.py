@@ -25,8 +25,10 @@ import logging
 import os
 import random
 import re
+import zlib
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -80,37 +82,67 @@ class Rows:
         return f"{self.source} row {i + 1}"
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+# Raised while reading a damaged gzip stream: truncated (EOFError), not gzip or a bad CRC (BadGzipFile), corrupt
+# deflate data (zlib.error).
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a local text file, gunzipped for .gz; a damaged gzip stream or an unreadable file
+    is a DataError naming the last line read. Lines are decoded by the caller (see :func:`_decode`)."""
+    lineno = 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for lineno, raw in enumerate(f, start=1):
+                yield lineno, raw
+    except GZIP_ERRORS as e:
+        where = f"after line {lineno}" if lineno else "before the first line"
+        raise DataError(f"{path}: the gzip data is damaged {where} ({e or type(e).__name__}); the file is truncated "
+                        "or corrupt. Re-create or re-download it.") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e}).") from None
+
+
+def _decode(raw: bytes, path: Path, lineno: int) -> str:
+    """One line as text, with the byte that is not UTF-8 named (a BOM at the start of the file is dropped)."""
+    try:
+        return raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}, byte {e.start + 1}: not valid UTF-8 (byte 0x{raw[e.start]:02x}: "
+                        f"{e.reason}). Save the file as UTF-8.") from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}). Fix or remove that line.") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read.") from None
 
 
 def _read_json_lines(path: Path) -> Rows:
     # Parsed by hand (not datasets' JSON builder) so a malformed line is reported as file:line.
     rows, lines = [], []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}). Fix or remove "
-                                "that line.") from e
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}.")
-            rows.append(row)
-            lines.append(lineno)
+    for lineno, raw in _raw_lines(path):
+        line = _decode(raw, path, lineno)
+        if not line.strip():
+            continue
+        row = _parse_json(line, f"{path}:{lineno}")
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}.")
+        rows.append(row)
+        lines.append(lineno)
     if not rows:
         raise DataError(f"{path} has no rows.")
     return Rows(_from_list(rows, str(path), lines), str(path), lines)
 
 
 def _read_json(path: Path) -> Rows:
-    with _open_text(path) as f:
-        text = f.read()
+    text = "".join(_decode(raw, path, lineno) for lineno, raw in _raw_lines(path))
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return _read_json_lines(path)  # many ".json" files are really JSON Lines
     if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -171,10 +203,28 @@ def _read_local_file(path: Path) -> Rows:
     if kind is None:
         raise DataError(f"{path}: unsupported file type. Use one of {', '.join(LOCAL_SUFFIXES)}.")
     try:
-        ds = load_dataset(kind, data_files=str(path), split="train")
+        with _quiet_datasets():
+            ds = load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:
-        raise DataError(f"{path}: could not read as {kind}: {e}") from e
+        cause = e.__cause__ or e.__context__ or e  # datasets wraps the reader's error (with its line) in its own
+        if kind == "csv" and isinstance(cause, UnicodeDecodeError):
+            for lineno, raw in _raw_lines(path):  # the decoder said which byte of the file, not which line
+                _decode(raw, path, lineno)
+        raise DataError(f"{path}: could not read as {kind}: {type(cause).__name__}: {cause}") from e
     return Rows(ds, str(path))
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """datasets logs a reader's failure at ERROR level before raising it; we report it ourselves, in one line."""
+    from datasets.utils import logging as datasets_logging
+
+    level = datasets_logging.get_verbosity()
+    datasets_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(level)
 
 
 def load_rows(source: str | os.PathLike | Dataset | DatasetDict, split: str = "train",
@@ -520,22 +570,60 @@ def hh_as_messages(args, tokenizer=None) -> bool:
     return hh_format == "messages"
 
 
+DEFAULT_EVAL_FRACTION = 0.1
+
+
+def _naming_source(rows: Rows, normalize: Callable, *args):
+    """``normalize(rows, *args)``, with a DataError that does not say which data it is about prefixed with the
+    source (e.g. a format that cannot be detected from the columns)."""
+    try:
+        return normalize(rows, *args)
+    except DataError as e:
+        if rows.source in str(e):
+            raise
+        raise DataError(f"{rows.source}: {e}") from e
+
+
+def held_out_split(args) -> tuple[str | None, float]:
+    """(eval split name, eval fraction) the held-out data comes from, refusing an eval split a source cannot have.
+
+    A single file (or an in-memory Dataset) is one split: a ``dataset_eval_split`` on it would read the training
+    rows again and call them held out. That is an error - unless ``eval_fraction`` is set, which then holds out that
+    fraction of the file instead (and says so).
+    """
+    fraction = args.eval_fraction
+    source = args.dataset_name
+    single = isinstance(source, Dataset) or (isinstance(source, (str, os.PathLike))
+                                             and Path(os.path.expanduser(str(source))).is_file())
+    if not args.dataset_eval_split or not single:
+        return args.dataset_eval_split, DEFAULT_EVAL_FRACTION if fraction is None else fraction
+    name = "the in-memory dataset" if isinstance(source, Dataset) else str(source)
+    if fraction:
+        logger.warning("dataset_eval_split '%s' ignored: %s is a single file with no such split; holding out "
+                       "eval_fraction=%s of it instead.", args.dataset_eval_split, name, fraction)
+        return None, fraction
+    raise DataError(f"dataset_eval_split '{args.dataset_eval_split}' names no held-out data in {name}: a single file "
+                    "is one split, so evaluation would reuse the training rows. Point dataset_name at a directory or "
+                    "Hub dataset that has that split, or set eval_fraction (e.g. 0.1) to hold out part of the file.")
+
+
 def load_preference_data(args, seed: int = 0, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport]:
     """Train / eval preference datasets from ``DataArguments`` (or any object with the same fields). ``tokenizer``
     (the model's) decides ``hh_format: auto``."""
     if not args.dataset_name:
         raise DataError("No dataset given: set dataset_name (a local file, a directory, or a Hub dataset id).")
+    eval_split, eval_fraction = held_out_split(args)
     rows = load_rows(args.dataset_name, args.dataset_train_split, args.dataset_config)
     hh_messages = hh_as_messages(args, tokenizer)
-    train, report = normalize_preferences(rows, args.data_format, args.prompt_column, args.chosen_column,
-                                          args.rejected_column, seed, hh_messages)
-    if args.dataset_eval_split:
-        eval_rows = load_rows(args.dataset_name, args.dataset_eval_split, args.dataset_config)
-        eval_ds, eval_report = normalize_preferences(eval_rows, args.data_format, args.prompt_column,
-                                                     args.chosen_column, args.rejected_column, seed, hh_messages)
+    train, report = _naming_source(rows, normalize_preferences, args.data_format, args.prompt_column,
+                                   args.chosen_column, args.rejected_column, seed, hh_messages)
+    if eval_split:
+        eval_rows = load_rows(args.dataset_name, eval_split, args.dataset_config)
+        eval_ds, eval_report = _naming_source(eval_rows, normalize_preferences, args.data_format, args.prompt_column,
+                                              args.chosen_column, args.rejected_column, seed, hh_messages)
         report.dropped.update({f"eval: {k}": v for k, v in eval_report.dropped.items()})
     else:
-        train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
+        train, eval_ds = train_eval_split(train, eval_fraction, seed)
     train = _take(train, args.max_train_samples, report)
     eval_ds = _take(eval_ds, args.max_eval_samples)
     logger.info(report.summary())
@@ -546,15 +634,16 @@ def load_prompt_data(args, seed: int = 0, tokenizer=None) -> tuple[Dataset, Data
     """Train / eval prompt datasets from ``DataArguments``; ``tokenizer`` decides ``hh_format: auto``."""
     if not args.dataset_name:
         raise DataError("No prompt dataset given: set dataset_name (a local file, a directory, or a Hub id).")
+    eval_split, eval_fraction = held_out_split(args)
     rows = load_rows(args.dataset_name, args.dataset_train_split, args.dataset_config)
     hh_messages = hh_as_messages(args, tokenizer)
-    train, report = normalize_prompts(rows, args.prompt_column, hh_messages)
-    if args.dataset_eval_split:
-        eval_ds, _ = normalize_prompts(load_rows(args.dataset_name, args.dataset_eval_split, args.dataset_config),
-                                       args.prompt_column, hh_messages)
-        eval_ds = _without_training_prompts(eval_ds, train, report, args.dataset_eval_split)
+    train, report = _naming_source(rows, normalize_prompts, args.prompt_column, hh_messages)
+    if eval_split:
+        eval_ds, _ = _naming_source(load_rows(args.dataset_name, eval_split, args.dataset_config), normalize_prompts,
+                                    args.prompt_column, hh_messages)
+        eval_ds = _without_training_prompts(eval_ds, train, report, eval_split)
     else:
-        train, eval_ds = train_eval_split(train, args.eval_fraction, seed)
+        train, eval_ds = train_eval_split(train, eval_fraction, seed)
     return _take(train, args.max_train_samples, report), _take(eval_ds, args.max_eval_samples), report
 
 

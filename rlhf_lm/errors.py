@@ -7,6 +7,9 @@ TRL; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 
 class RlhfError(Exception):
     """Base class: a problem with the user's input or setup, with a message that says what to do."""
@@ -25,4 +28,24 @@ class RewardError(RlhfError, ValueError):
 
 
 class ArtifactError(RlhfError, FileNotFoundError):
-    """A stage's input artifact (model, adapter, reward model, checkpoint) is missing or incomplete."""
+    """A stage's input artifact (model, adapter, reward model, checkpoint) is missing or incomplete, or its output
+    directory cannot be written without losing data it did not create."""
+
+
+class EvaluationError(RlhfError, RuntimeError):
+    """The closing evaluation of a stage failed after training; the trained model is saved and the message says how
+    to re-run only the evaluation."""
+
+
+class HubError(RlhfError, ConnectionError):
+    """The Hugging Face Hub cannot be reached (offline, wrong HF_ENDPOINT) or refused the request."""
+
+
+def describe(error: BaseException) -> str:
+    """An exception as one line: our own errors by their message; anything else (e.g. raised by a user's reward
+    model) by its type, message and the innermost frame, so the line says where it came from."""
+    if isinstance(error, RlhfError):
+        return str(error)
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}{where}: {error}"

@@ -18,7 +18,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from rlhf_lm.errors import RewardError
+from rlhf_lm.errors import RewardError, describe
+
+# The reply a reward model is probed with before training (any short text will do: the probe catches a spec that
+# raises, or returns NaN or the wrong shape, whatever the input).
+PROBE_COMPLETION = "OK."
 
 
 @runtime_checkable
@@ -50,6 +54,22 @@ def check_rewards(rewards, n: int, name: str) -> torch.Tensor:
         raise RewardError(f"Reward model {name} returned NaN/inf for completions at positions {bad}. Check its "
                           "normalisation (e.g. division by a zero std) and inputs.")
     return rewards.float()
+
+
+def probe_reward(reward: RewardModel, prompts: list, completions: list[str] | None = None,
+                 name: str | None = None) -> None:
+    """Call ``reward`` once on a small sample, so a reward that raises or returns NaN / the wrong shape stops the run
+    before training (not after it, when the trained model would be at stake)."""
+    name = name or getattr(reward, "name", type(reward).__name__)
+    prompts = list(prompts)[:2] or ["Hello."]
+    completions = list(completions or [PROBE_COMPLETION] * len(prompts))[: len(prompts)]
+    try:
+        values = reward(prompts, completions)
+    except RewardError:
+        raise
+    except Exception as e:
+        raise RewardError(f"Reward model {name} failed when called on a sample before training: {describe(e)}.") from e
+    check_rewards(values, len(prompts), name)
 
 
 class FunctionReward:
@@ -100,6 +120,9 @@ def _import_object(spec: str):
         sys.path.insert(0, folder)
         try:
             module_spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[module_name]
+            raise RewardError(f"Reward spec '{spec}': importing {path} failed: {describe(e)}.") from e
         finally:
             sys.path.remove(folder)
     else:
@@ -107,6 +130,8 @@ def _import_object(spec: str):
             module = importlib.import_module(target)
         except ImportError as e:
             raise RewardError(f"Reward spec '{spec}': cannot import module '{target}' ({e}).") from e
+        except Exception as e:
+            raise RewardError(f"Reward spec '{spec}': importing module '{target}' failed: {describe(e)}.") from e
     if not hasattr(module, attr):
         public = [n for n in dir(module) if not n.startswith("_")]
         raise RewardError(f"Reward spec '{spec}': '{target}' has no attribute '{attr}'. It defines: {public}.")
@@ -136,7 +161,10 @@ def load_reward(spec, **kwargs) -> RewardModel:
     if ":" in spec:
         obj = _import_object(spec)
         if inspect.isclass(obj):
-            obj = obj(**kwargs)
+            try:
+                obj = obj(**kwargs)
+            except Exception as e:
+                raise RewardError(f"Reward spec '{spec}': creating {obj.__name__} failed: {describe(e)}.") from e
         elif inspect.isfunction(obj):  # per-pair fn(prompt, completion) -> float, unless marked fn.batched = True
             obj = FunctionReward(obj, batched=getattr(obj, "batched", False), name=spec)
         if not callable(obj):

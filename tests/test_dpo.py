@@ -36,6 +36,8 @@ def tiny_cfg(task: Path, out: Path, **overrides) -> DPOStageConfig:
                   max_length=96, save_strategy="no", logging_steps=1, disable_tqdm=True, eval_num_prompts=8,
                   eval_max_new_tokens=12, lora_r=4, lora_alpha=8, seed=0)
     values.update(overrides)
+    if not values.get("use_peft", True):  # a full fine-tune takes no LoRA keys (they would be ignored: an error)
+        values = {k: v for k, v in values.items() if not k.startswith("lora_")}
     return config_from_dict(DPOStageConfig, values)
 
 
