@@ -1,55 +1,392 @@
-"""Output directories that a failed run cannot corrupt, and the small JSON files stages hand to each other.
+"""Output directories that a run cannot corrupt, checkpoints that are complete or absent, and the small JSON files
+stages hand to each other.
 
-A stage writes into ``<output_dir>.partial`` and only swaps it into place when it finishes. A crash (or Ctrl-C)
-leaves an existing ``output_dir`` untouched, and leaves the partial directory - with the Trainer's checkpoints -
-for ``resume_from_checkpoint`` to pick up.
+Output directories (:func:`check_output_dir`, :func:`staged_output`):
+
+* A stage writes into ``<output_dir>.partial`` and moves it into place only when it finishes. A crash (or Ctrl-C)
+  leaves an existing ``output_dir`` untouched, and leaves the partial directory - with its checkpoints - for
+  ``resume_from_checkpoint`` to pick up.
+* ``output_dir`` may be missing, empty, or a finished rlhf-lm output (it holds :data:`OUTPUT_MARKER`, which lists the
+  files the run wrote). A finished output is replaced only with ``overwrite_output_dir: true``, and only when it
+  holds nothing but those files. Any other existing directory is refused: a run never deletes or overwrites data it
+  did not create. The replaced output is moved aside under a unique hidden name of our own, so no sibling folder
+  (``run.old``, ...) is ever touched.
+* A partial directory with complete checkpoints is never discarded silently: without ``resume_from_checkpoint`` the
+  run stops and says how to resume (or to start over with ``overwrite_output_dir``).
+
+Checkpoints are written under :data:`CHECKPOINT_STAGING` and renamed to ``checkpoint-N`` when complete
+(:class:`AtomicCheckpoints` for transformers' Trainer, :func:`publish_checkpoint` for our PPO trainer), so a kill
+during a save leaves no torn ``checkpoint-N``; resume picks the newest complete one and logs which
+(:func:`resolve_resume`).
+
+All checks run on every process and change nothing; only the main process creates, clears and moves directories.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 import shutil
+import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from rlhf_lm.errors import ArtifactError
+from rlhf_lm.redaction import redact
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
+OUTPUT_MARKER = ".rlhf_lm_output.json"  # what this directory is: {"state": "partial" | "finished", "stage", ...}
+CHECKPOINT_STAGING = ".checkpoint-in-progress"  # checkpoints being written, renamed to checkpoint-N when complete
+TRAINER_STATE = "trainer_state.json"  # written by transformers' Trainer and our PPO trainer into every checkpoint
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+_FALSE = (None, False, "", "false", "False", "no")
+_active: list[Path] = []  # partial dirs of runs started in this process and not finished (for the Ctrl-C message)
 
 
-def partial_dir(output_dir: str | Path) -> Path:
-    final = Path(output_dir)
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def output_path(output_dir: str | os.PathLike) -> Path:
+    """``output_dir`` as an absolute path (``.``, ``..`` and trailing slashes resolved), refusing the root."""
+    path = Path(os.path.abspath(os.path.expanduser(str(output_dir))))
+    if not path.name:
+        raise ArtifactError(f"output_dir {output_dir} is the filesystem root; choose a folder for the run's output.")
+    return path
+
+
+def partial_dir(output_dir: str | os.PathLike) -> Path:
+    final = output_path(output_dir)
     return final.with_name(final.name + ".partial")
 
 
-@contextmanager
-def staged_output(output_dir: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a staging directory; on success move it to ``output_dir`` (replacing the old one only then)."""
-    final = Path(output_dir)
+def wants_resume(resume: Any) -> bool:
+    return resume not in _FALSE
+
+
+# -------------------------------------------------------------------------------------------------- markers
+def read_marker(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((directory / OUTPUT_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _legacy_marker(directory: Path) -> dict[str, Any] | None:
+    """A finished output written before markers existed: its metrics.json records this very output_dir."""
+    try:
+        config = json.loads((directory / METRICS_FILE).read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(config, dict) and Path(str(config.get("output_dir", ""))).name == directory.name:
+        return {"state": "finished", "stage": "an earlier", "files": None}
+    return None
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir())
+
+
+def _entries(directory: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in directory.iterdir())
+    except OSError as e:
+        raise ArtifactError(f"Cannot read {directory}: {e.strerror}.") from None
+
+
+def _is_resume_state(relative: str) -> bool:
+    """A file of a checkpoint (or of one being written): the run's own resume state."""
+    top = relative.split("/")[0]
+    return top == CHECKPOINT_STAGING or bool(_CHECKPOINT_NAME.match(top))
+
+
+def _foreign_files(directory: Path, marker: dict[str, Any]) -> list[str]:
+    """Files in a finished output that the run did not write (a user's notes, ...): replacing it would lose them."""
+    if marker.get("files") is None:  # a legacy output: no list of its files to compare with
+        return []
+    written = set(marker["files"]) | {OUTPUT_MARKER}
+    return [f for f in _files(directory) if f not in written and not _is_resume_state(f)]
+
+
+# -------------------------------------------------------------------------------------------- checkpoints
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """A ``checkpoint-N`` folder whose trainer state (written last by every trainer we use) is there and readable."""
+    path = Path(path)
+    if not (_CHECKPOINT_NAME.match(path.name) and path.is_dir()):
+        return False
+    try:
+        return isinstance(json.loads((path / TRAINER_STATE).read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def _numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
+    return sorted(found)
+
+
+def last_checkpoint(directory: str | os.PathLike) -> str | None:
+    """The newest *complete* ``checkpoint-N`` folder under ``directory``, or None. Torn ones (a kill during a save
+    by an older version, or by a trainer that writes in place) are skipped."""
+    complete = [p for _, p in _numbered_checkpoints(Path(directory)) if is_complete_checkpoint(p)]
+    return str(complete[-1]) if complete else None
+
+
+def incomplete_checkpoints(directory: str | os.PathLike) -> list[str]:
+    """Checkpoints that a kill interrupted while they were being written."""
+    directory = Path(directory)
+    torn = [p.name for _, p in _numbered_checkpoints(directory) if not is_complete_checkpoint(p)]
+    staging = directory / CHECKPOINT_STAGING
+    return torn + ([f"{CHECKPOINT_STAGING}/{n}" for n in _entries(staging)] if staging.is_dir() else [])
+
+
+def resolve_resume(output_dir: str | os.PathLike, resume: Any) -> str | None:
+    """The checkpoint to resume from: for ``true`` the newest complete one in ``<output_dir>.partial`` (logged, with
+    any incomplete ones it skipped), for a path that checkpoint; None to start from scratch."""
+    if not wants_resume(resume):
+        return None
+    if str(resume).lower() != "true":
+        if not is_complete_checkpoint(resume):
+            raise ArtifactError(f"resume_from_checkpoint {resume} is not a complete checkpoint (a checkpoint-N folder "
+                                f"with {TRAINER_STATE}). Use --resume_from_checkpoint true for the newest complete one.")
+        logger.info("Resuming from %s.", resume)
+        return str(resume)
+    partial = partial_dir(output_dir)
+    found = last_checkpoint(partial)
+    skipped = incomplete_checkpoints(partial)
+    if skipped:
+        logger.warning("Skipping incomplete checkpoint(s) %s in %s: the run was stopped while writing them.",
+                       skipped, partial)
+    if found is None:
+        logger.warning("resume_from_checkpoint: no complete checkpoint in %s; starting from scratch.", partial)
+        return None
+    logger.info("Resuming from %s (the newest complete checkpoint in %s).", found, partial)
+    return found
+
+
+def publish_checkpoint(staged: Path, output_dir: str | os.PathLike) -> Path:
+    """Move a fully written checkpoint from the staging folder to ``output_dir/checkpoint-N`` (one rename)."""
+    final = Path(output_dir) / staged.name
+    old = None
+    if final.exists():  # the same step saved again: swap, so a complete checkpoint-N exists at every moment
+        old = staged.with_name(f"{staged.name}.replaced-{uuid.uuid4().hex[:8]}")
+        final.rename(old)
+    staged.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def staging_checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
+    """Where checkpoint ``step`` is written before :func:`publish_checkpoint` renames it into place."""
+    return Path(output_dir) / CHECKPOINT_STAGING / f"checkpoint-{step}"
+
+
+class AtomicCheckpoints:
+    """Trainer mixin for crash-safe checkpoints.
+
+    * Every checkpoint is written under :data:`CHECKPOINT_STAGING` and renamed to ``checkpoint-N`` once every process
+      has written its part, so a kill during a save never leaves a torn ``checkpoint-N``. transformers' Trainer
+      writes in place (model, then optimizer, RNG and trainer state); here its own save runs unchanged, pointed at
+      the staging folder through ``_get_output_dir``, its only source of the run directory.
+    * Resuming from the checkpoint that ended training (a kill after the last step) loads it and trains no more:
+      transformers' loop checks ``max_steps`` only after a step, so it would train one step too many.
+    """
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint and is_complete_checkpoint(resume_from_checkpoint):
+            saved = json.loads((Path(resume_from_checkpoint) / TRAINER_STATE).read_text())
+            last = self.args.max_steps if self.args.max_steps > 0 else saved.get("max_steps", 0)
+            if last and saved.get("global_step", 0) >= last:
+                return self._load_finished_training(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_finished_training(self, checkpoint: str):
+        from transformers.trainer_callback import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+        logger.info("%s is the end of training (step %d): loaded, nothing left to train.", checkpoint,
+                    self.state.global_step)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
+        return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else float("nan"),
+                           {"train_runtime": 0.0})
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        staged = staging_checkpoint_dir(run_dir, self.state.global_step)
+        self._get_output_dir = lambda trial=None: str(staged.parent)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir
+        best = self.state.best_model_checkpoint
+        if best and Path(best).parent == staged.parent:  # transformers recorded the staging path: point it home
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+        self.accelerator.wait_for_everyone()  # every process has written its RNG state into the staged folder
+        if self.args.should_save:
+            if self.state.best_model_checkpoint != best:
+                self.state.save_to_json(str(staged / TRAINER_STATE))
+            publish_checkpoint(staged, run_dir)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------------------- output directories
+def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool = False, resume: Any = None) -> None:
+    """Raise an ArtifactError, before anything is loaded, if this run may not write ``output_dir``. Changes nothing."""
+    final = output_path(output_dir)
     if final.exists() and not final.is_dir():
-        raise ArtifactError(f"output_dir {final} exists and is not a directory.")
-    if not overwrite and final.exists() and any(final.iterdir()):
-        raise ArtifactError(f"output_dir {final} already holds results. Choose another output_dir or allow "
-                            "overwriting.")
-    stage = partial_dir(final)
-    stage.mkdir(parents=True, exist_ok=True)
-    yield stage
-    if final.exists():
-        backup = final.with_name(final.name + ".old")
-        shutil.rmtree(backup, ignore_errors=True)
-        final.rename(backup)
-        stage.rename(final)
-        shutil.rmtree(backup, ignore_errors=True)
+        raise ArtifactError(f"output_dir {output_dir} exists and is not a directory; choose another output_dir.")
+    if final.is_dir() and (entries := _entries(final)):
+        marker = read_marker(final) or _legacy_marker(final)
+        if marker is None or marker.get("state") != "finished":
+            raise ArtifactError(f"output_dir {output_dir} already exists and is not a finished rlhf-lm output (it "
+                                f"holds {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); a run never "
+                                "writes into or deletes a folder it did not create. Choose a new output_dir.")
+        if not overwrite:
+            raise ArtifactError(f"output_dir {output_dir} holds a finished {marker.get('stage', 'rlhf-lm')} run. To "
+                                "replace it set overwrite_output_dir: true (--overwrite_output_dir true; in a pipeline "
+                                "--force <stage>), or choose another output_dir.")
+        foreign = _foreign_files(final, marker)
+        if foreign:
+            raise ArtifactError(f"output_dir {output_dir} holds a finished run plus files it did not write "
+                                f"({', '.join(foreign[:3])}); move them out before replacing it.")
+    partial = final.with_name(final.name + ".partial")
+    if partial.exists() and not partial.is_dir():
+        raise ArtifactError(f"{partial} exists and is not a directory; a run of {output_dir} needs that name for its "
+                            "work in progress. Move it away.")
+    if partial.is_dir() and _entries(partial) and read_marker(partial) is None:
+        raise ArtifactError(f"{partial} exists but was not created by an rlhf-lm run of {output_dir} (no "
+                            f"{OUTPUT_MARKER}); move it away or delete it.")
+    checkpoint = last_checkpoint(partial)
+    if checkpoint and not wants_resume(resume) and not overwrite:
+        raise ArtifactError(f"{partial} holds checkpoints of an unfinished run (newest complete: "
+                            f"{Path(checkpoint).name}). Resume it with --resume_from_checkpoint true (in a pipeline "
+                            "--<stage>.resume_from_checkpoint true), or start over with --overwrite_output_dir true.")
+    if wants_resume(resume) and str(resume).lower() != "true" and not is_complete_checkpoint(resume):
+        raise ArtifactError(f"resume_from_checkpoint {resume} is not a complete checkpoint (a checkpoint-N folder "
+                            f"with {TRAINER_STATE}). Use --resume_from_checkpoint true for the newest complete one.")
+    _check_writable(partial)
+
+
+def _check_writable(path: Path) -> None:
+    """Fail now, not after the model has loaded, when ``path`` cannot be created."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"Cannot create {path}: {parent} is not a directory. Choose another output_dir.")
+    try:  # a real write: permission bits do not tell the whole story (root, read-only mounts, ACLs)
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".rlhf_lm-write-test-"):
+            pass
+    except OSError as e:
+        raise ArtifactError(f"Cannot create {path}: {parent} is not writable ({e.strerror}). Choose an output_dir in "
+                            "a folder you can write to.") from None
+
+
+def _prepare_partial(partial: Path, stage: str, resume: Any) -> None:
+    """Create the partial dir, keeping its checkpoints when resuming from them and clearing our own leftovers
+    otherwise (check_output_dir has made sure they are ours and hold nothing to resume)."""
+    try:
+        if partial.is_dir():
+            if wants_resume(resume) and last_checkpoint(partial):
+                shutil.rmtree(partial / CHECKPOINT_STAGING, ignore_errors=True)  # torn saves: never resumed from
+            elif _entries(partial):
+                logger.info("Removing %s: leftovers of an earlier run that left nothing to resume from.", partial)
+                shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        write_json(partial / OUTPUT_MARKER, {"state": "partial", "stage": stage, "started": time.time()})
+    except OSError as e:
+        raise ArtifactError(f"Cannot create {partial}: {e.strerror}. Choose an output_dir in a folder you can write "
+                            "to.") from None
+
+
+def _finish(partial: Path, final: Path, stage: str, drop_checkpoints: bool = False) -> None:
+    """Mark the partial dir finished and move it to ``final``, replacing a finished output only as checked.
+
+    ``drop_checkpoints`` removes the resume state only once the output is in place: a kill at any moment before
+    leaves the last checkpoint to resume from (one after leaves checkpoint folders in the output, nothing worse).
+    """
+    shutil.rmtree(partial / CHECKPOINT_STAGING, ignore_errors=True)
+    files = [f for f in _files(partial) if f != OUTPUT_MARKER and not (drop_checkpoints and _is_resume_state(f))]
+    write_json(partial / OUTPUT_MARKER, {"state": "finished", "stage": stage, "finished": time.time(), "files": files})
+    if final.is_dir() and _entries(final):
+        marker = read_marker(final) or _legacy_marker(final)
+        if marker is None or marker.get("state") != "finished" or _foreign_files(final, marker):
+            raise ArtifactError(f"{final} changed while this run was going and now holds data it did not write; "
+                                f"the finished result is kept in {partial}.")
+        aside = final.with_name(f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")  # our own name: no sibling touched
+        final.rename(aside)
+        partial.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        logger.info("Replaced the earlier %s output in %s.", marker.get("stage", ""), final)
     else:
-        stage.rename(final)
+        if final.is_dir():
+            final.rmdir()  # empty: nothing to keep
+        partial.rename(final)
+    if drop_checkpoints:
+        for _, checkpoint in _numbered_checkpoints(final):  # the finished artifact needs no resume state
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
+@contextmanager
+def staged_output(output_dir: str | os.PathLike, *, stage: str = "stage", overwrite: bool = False,
+                  resume: Any = None, drop_checkpoints: bool = False) -> Iterator[Path]:
+    """Yield the staging directory ``<output_dir>.partial``; on success move it to ``output_dir``.
+
+    ``overwrite`` allows replacing a finished output; ``resume`` (the config's resume_from_checkpoint) keeps the
+    partial dir's checkpoints; ``drop_checkpoints`` leaves them out of the finished output. On other processes than
+    the main one this only yields the path.
+    """
+    final = output_path(output_dir)
+    partial = final.with_name(final.name + ".partial")
+    if not _is_main_process():
+        yield partial
+        return
+    check_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    _prepare_partial(partial, stage, resume)
+    _active.append(partial)
+    try:
+        yield partial
+    except BaseException:  # the partial dir stays for resuming - unless nothing was written into it yet
+        if set(_entries(partial)) <= {OUTPUT_MARKER}:
+            shutil.rmtree(partial, ignore_errors=True)
+            _active.remove(partial)
+        raise
+    _finish(partial, final, stage, drop_checkpoints)
+    _active.remove(partial)
+
+
+def interrupted_run() -> tuple[Path, str | None] | None:
+    """(partial dir, newest complete checkpoint) of the run this process was writing when it stopped, if any."""
+    if not _active:
+        return None
+    return _active[-1], last_checkpoint(_active[-1])
+
+
+# ---------------------------------------------------------------------------------------------- small JSON
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically, with secrets redacted (see :mod:`rlhf_lm.redaction`)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.write_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str))
     tmp.replace(path)
 
 
@@ -57,13 +394,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"Expected {path}; the stage that should have written it did not finish.")
-    return json.loads(path.read_text())
-
-
-def last_checkpoint(directory: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` folder under ``directory`` (Trainer's layout), or None."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    steps = [(int(p.name.split("-")[-1]), p) for p in directory.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return str(max(steps)[1]) if steps else None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}); the stage that wrote it did not finish cleanly. "
+                            "Re-run that stage.") from None

@@ -1,18 +1,24 @@
 """``rlhf-lm`` / ``python -m rlhf_lm``: one subcommand per stage, plus pipeline, quickstart and push.
 
 Works the same under ``accelerate launch -m rlhf_lm <command> ...``. Mistakes we can detect (``RlhfError``) print
-one clear line and exit 2; anything else keeps its traceback because it is a bug.
+one clear line and exit 2, and so do the machine's refusals a user can fix (permission denied, read-only or full
+disk). Ctrl-C prints one line naming the checkpoint to resume from and exits 130. Anything else keeps its traceback
+because it is a bug.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib
 import logging
 import os
 import sys
 
 from rlhf_lm.errors import RlhfError
+
+# OSErrors that are the machine saying no to the user's paths, not bugs.
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
 # command -> (module with main(argv), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -62,12 +68,53 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" Did you mean '{close[0]}'?" if close else ""
         print(f"rlhf-lm: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    logging.basicConfig(level=os.environ.get("RLHF_LM_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging()
     _cpu_ranks_join_one_group()
-    module = importlib.import_module(COMMANDS[command][0])
     try:
+        module = importlib.import_module(COMMANDS[command][0])
         code = module.main(rest)
     except RlhfError as e:
-        print(f"rlhf-lm {command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(command, str(e))
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        _fail(command, f"{e.strerror}{where}. Check the path and its permissions (or free disk space).")
+    except KeyboardInterrupt:
+        print(f"rlhf-lm {command}: interrupted. {_resume_hint(command)}", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code or 0)
+
+
+def _setup_logging() -> None:
+    from rlhf_lm.redaction import ScrubSecrets
+
+    logging.basicConfig(level=os.environ.get("RLHF_LM_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, ScrubSecrets) for f in handler.filters):
+            handler.addFilter(ScrubSecrets())
+
+
+def _fail(command: str, message: str) -> None:
+    """One line on stderr (a message with line breaks from a library is joined), exit code 2."""
+    from rlhf_lm.redaction import scrub_text
+
+    line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    print(f"rlhf-lm {command}: error: {scrub_text(line)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _resume_hint(command: str) -> str:
+    from rlhf_lm.artifacts import interrupted_run
+
+    run = interrupted_run()
+    if run is None:
+        return "Nothing was written; run the command again to start."
+    partial, checkpoint = run
+    if checkpoint is None:
+        return (f"No checkpoint was written yet ({partial} holds the work in progress); run the command again to "
+                "start over.")
+    flag = "--resume_from_checkpoint true"
+    if command in ("pipeline", "quickstart"):  # a pipeline stage's output dir is named after the stage
+        flag = f"--{partial.name.removesuffix('.partial')}.resume_from_checkpoint true"
+    return f"Resume from {checkpoint} by running the same command with {flag}."

@@ -23,16 +23,35 @@ from typing import Any
 
 import yaml
 
-from rlhf_lm.artifacts import METRICS_FILE
-from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.artifacts import METRICS_FILE, OUTPUT_MARKER
+from rlhf_lm.errors import ArtifactError, ConfigError, HubError
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"  # same name as rlhf_lm.pipeline.PIPELINE_FILE (not imported: keeps push light)
 # Training state that is large, machine-specific or pickled: never pushed.
 EXCLUDED_PARTS = re.compile(r"(^|/)(checkpoint-\d+|[^/]+\.partial|[^/]+\.old|runs|__pycache__)(/|$)")
-EXCLUDED_FILES = {"optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json", "scaler.pt"}
+EXCLUDED_FILES = {"optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json", "scaler.pt",
+                  OUTPUT_MARKER}
 LIBRARIES = ("rlhf-lm", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")
+
+
+def unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when it gets no answer: offline mode, refused / timed-out connections. The HTTP
+    library depends on the huggingface_hub version (httpx2, httpx or requests), so each is looked up if present."""
+    import importlib
+
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    errors: list[type[BaseException]] = [OfflineModeIsEnabled, ConnectionError, TimeoutError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+        try:
+            loaded = importlib.import_module(module)
+        except ImportError:
+            continue
+        errors += [getattr(loaded, name) for name in names if hasattr(loaded, name)]
+    return tuple(errors)
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -261,6 +280,13 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = True, token: 
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.create_commit(repo_url.repo_id, operations=operations,
                                    commit_message=commit_message or f"Upload {run_dir.name} with rlhf-lm")
+    except unreachable_errors() as e:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        why = ("offline mode is on (HF_HUB_OFFLINE=1)" if type(e).__name__ == "OfflineModeIsEnabled"
+               else f"{type(e).__name__}: {e}")
+        raise HubError(f"Push to '{repo_id}' failed: the Hugging Face Hub at {endpoint} is unreachable ({why}). "
+                       f"Nothing was uploaded; {run_dir} is unchanged. Check the network (or HF_ENDPOINT / "
+                       "HF_HUB_OFFLINE) and push again.") from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else None
         hint = {401: " The token was rejected: check HF_TOKEN / `hf auth login`.",

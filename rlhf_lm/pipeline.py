@@ -50,8 +50,9 @@ from typing import Any
 import yaml
 
 from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
-from rlhf_lm.configs import load_recipe
+from rlhf_lm.configs import closest_key, load_recipe
 from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,8 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
                 used_shared.add(key)
         unknown = [k for k in section if k not in fields]
         if unknown:
-            close = difflib.get_close_matches(unknown[0], sorted(fields), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            close = closest_key(unknown[0], sorted(fields))
+            hint = f" Did you mean '{close}'?" if close else ""
             raise ConfigError(f"Unknown config key '{unknown[0]}' in section '{name}' of {source} (a {kind} stage)."
                               f"{hint}")
         own.update(section)
@@ -246,8 +247,8 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
         if key in STAGE_MODULES or isinstance(shared[key], dict) and key != "controller":
             raise ConfigError(f"{source}: section '{key}' is not in `stages` ({names}). Add it there or remove it.")
         every = sorted(set().union(*(_fields(stage_config_class(p.kind)) for p in plans)) | set(PIPELINE_KEYS))
-        close = difflib.get_close_matches(key, every, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        close = closest_key(key, every)
+        hint = f" Did you mean '{close}'?" if close else ""
         raise ConfigError(f"Unknown config key '{key}' in {source}: no stage of this pipeline ({names}) has it.{hint}")
 
     if force is True:
@@ -322,9 +323,13 @@ def build_config(stage: StagePlan, source: str = "the recipe"):
                             f"section '{stage.name}' of {source}")
 
 
-def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None = None) -> dict[str, float]:
-    """Build one stage's config and run the stage in this process."""
+def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None = None,
+              replace: bool = False) -> dict[str, float]:
+    """Build one stage's config and run the stage in this process; ``replace`` lets it replace its finished output
+    (a forced stage, or one whose inputs were rebuilt)."""
     module = stage_module(stage.kind)
+    if replace and "overwrite_output_dir" in _fields(module.CONFIG):
+        stage = dataclasses.replace(stage, values={**stage.values, "overwrite_output_dir": True})
     cfg = build_config(stage, source)
     if history is not None and "callbacks" in inspect.signature(module.run).parameters:
         return module.run(cfg, callbacks=[log_history_recorder(history)]) or {}
@@ -387,7 +392,8 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
         start = time.perf_counter()
         try:
             history: list = []
-            results[stage.name] = dict(run_stage(stage, pipeline.source, history))
+            results[stage.name] = dict(run_stage(stage, pipeline.source, history,
+                                                 replace=stage.name in pipeline.force or bool(stale)))
             if history:
                 record.setdefault("log_history", {})[stage.name] = history
         except Exception:
@@ -422,7 +428,7 @@ def _changed_keys(previous_record: dict[str, Any], stage: StagePlan) -> list[str
     before = next((p["values"] for p in previous_record.get("stage_plan", []) if p["name"] == stage.name), None)
     if before is None:
         return []
-    now = json.loads(json.dumps(stage.values, default=str))
+    now = redact(json.loads(json.dumps(stage.values, default=str)))  # the record holds secrets redacted
     return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
 
 

@@ -25,6 +25,8 @@ class ScoreStageConfig(DataArguments):
     gold: bool = field(default=False, metadata={"help": "Score the pairs with the task's gold reward."})
     fail: bool = field(default=False, metadata={"help": "Crash after writing part of the output."})
     tag: str = field(default="", metadata={"help": "Free text copied into metrics.json."})
+    token: str | None = field(default=None, metadata={"help": "A credential (never written: see rlhf_lm.redaction)."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a finished output."})
 
 
 CONFIG = ScoreStageConfig
@@ -43,7 +45,7 @@ def run(cfg: ScoreStageConfig) -> dict[str, float]:
     models_at_start = live_models()
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train, eval_ds, _ = load_preference_data(cfg)
-    with staged_output(cfg.output_dir) as out:
+    with staged_output(cfg.output_dir, stage="score", overwrite=cfg.overwrite_output_dir) as out:
         (out / "partial.txt").write_text("started")
         if cfg.fail:
             raise RuntimeError("simulated crash in the middle of the score stage")

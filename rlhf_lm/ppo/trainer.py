@@ -31,6 +31,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, get_sche
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
 
+from rlhf_lm.artifacts import publish_checkpoint, staging_checkpoint_dir
 from rlhf_lm.data import DataReport
 from rlhf_lm.errors import ArtifactError, DataError
 from rlhf_lm.evaluation import kl_per_token
@@ -361,8 +362,9 @@ class PPOTrainer:
             self.tokenizer.save_pretrained(output_dir)
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-<step>`` under ``output_dir`` with all state needed to resume exactly."""
-        ckpt = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        """Write ``checkpoint-<step>`` under ``output_dir`` with all state needed to resume exactly: first under a
+        staging name, renamed when every process has written its part, so a kill mid-save leaves no torn checkpoint."""
+        ckpt = staging_checkpoint_dir(self.args.output_dir, self.state.global_step)
         self.save_model(ckpt)
         if self.accelerator.is_main_process:
             torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -372,12 +374,15 @@ class PPOTrainer:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        ckpt.mkdir(parents=True, exist_ok=True)
         torch.save(rng, ckpt / f"rng_state_{self.accelerator.process_index}.pth")
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            ckpt = publish_checkpoint(ckpt, self.args.output_dir)
             self._rotate_checkpoints()
+        self.accelerator.wait_for_everyone()
         self.control = self.callback_handler.on_save(self.args, self.state, self.control, trainer=self)
-        return ckpt
+        return Path(self.args.output_dir) / ckpt.name
 
     def _rotate_checkpoints(self) -> None:
         if not self.args.save_total_limit:

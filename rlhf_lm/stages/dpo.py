@@ -26,7 +26,6 @@ import difflib
 import json
 import logging
 import math
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,15 @@ import trl
 from accelerate import PartialState
 from datasets import Dataset
 
-from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.artifacts import (
+    METRICS_FILE,
+    AtomicCheckpoints,
+    check_output_dir,
+    partial_dir,
+    resolve_resume,
+    staged_output,
+    write_json,
+)
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -49,7 +56,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
-from rlhf_lm.errors import ArtifactError, ConfigError, DataError
+from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
 from rlhf_lm.modeling import (
     count_parameters,
     load_causal_lm,
@@ -328,14 +335,15 @@ def _truncate_prompts(ds: Dataset, max_length: int, room, prompt_len, report: Da
     return ds if not no_room.any() else ds.select(np.flatnonzero(~no_room))
 
 
-class DPOTrainer(LengthGroupedBatches, trl.DPOTrainer):
+class DPOTrainer(AtomicCheckpoints, LengthGroupedBatches, trl.DPOTrainer):
     """TRL's DPOTrainer, taking data already tokenized by :func:`tokenize_pairs` as it is, with length-grouped
     batches (:class:`rlhf_lm.speed.LengthGroupedBatches`).
 
-    TRL 1.16 re-runs its per-row tokenization on every dataset it is given; this skips that work when the token
-    columns are already there (and still tokenizes anything else the usual way). Precomputed reference log-probs
-    are scored in length order, and cached under a fingerprint of the model that takes 0.1 s instead of TRL's 12 s
-    at 1.5B (:func:`rlhf_lm.speed.fingerprint_module`).
+    Checkpoints are written atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`). TRL 1.16 re-runs its per-row
+    tokenization on every dataset it is given; this skips that work when the token columns are already there (and
+    still tokenizes anything else the usual way). Precomputed reference log-probs are scored in length order, and
+    cached under a fingerprint of the model that takes 0.1 s instead of TRL's 12 s at 1.5B
+    (:func:`rlhf_lm.speed.fingerprint_module`).
     """
 
     def __init__(self, *args, **kwargs):
@@ -465,23 +473,15 @@ def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
     return cfg.max_steps / math.ceil(num_pairs / pairs_per_step)
 
 
-def _resume_path(cfg: DPOStageConfig, stage: Path) -> str | None:
-    resume = cfg.resume_from_checkpoint
-    if resume in (None, False, "", "false", "False"):
-        return None
-    if resume in (True, "true", "True"):
-        found = last_checkpoint(stage)
-        if found is None:
-            logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch.", stage)
-        return found
-    return str(resume)
-
-
 # ------------------------------------------------------------------------------------------------------- run
-def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
-    """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
+def require_model(cfg: DPOStageConfig) -> None:
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
+
+
+def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
+    """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
+    require_model(cfg)
     quantization_kwargs(cfg)  # a QLoRA run that cannot work here fails now, not after loading and tokenizing data
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
                                trust_remote_code=cfg.trust_remote_code, require_eos=True)
@@ -511,10 +511,21 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
 
 
 def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
-    """Train, evaluate against the reference, and write the artifact to ``cfg.output_dir``."""
+    """Train, save, then evaluate against the reference; the artifact goes to ``cfg.output_dir``.
+
+    Everything that can be checked without the model is checked first: the output directory, the checkpoint to
+    resume from, and the judging reward model (resolved and called once). The trained policy is saved before the
+    closing evaluation, so an evaluation failure leaves it in place (and says how to re-run only the evaluation).
+    """
     state = PartialState()
     final_dir = cfg.output_dir
-    staging = staged_output(final_dir) if state.is_main_process else nullcontext(partial_dir(final_dir))
+    check_output_dir(final_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
+    resume = resolve_resume(final_dir, cfg.resume_from_checkpoint)
+    judge, prompts = load_judge(cfg)
+    staging = (staged_output(final_dir, stage="dpo", overwrite=cfg.overwrite_output_dir,
+                             resume=cfg.resume_from_checkpoint, drop_checkpoints=True)
+               if state.is_main_process else nullcontext(partial_dir(final_dir)))
+    eval_error: Exception | None = None
     with staging as stage:
         cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
         try:
@@ -522,29 +533,80 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             trainable, total = count_parameters(trainer.model)
             logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
                         "LoRA" if cfg.use_peft else "full fine-tune")
-            result = trainer.train(resume_from_checkpoint=_resume_path(cfg, stage))
+            result = trainer.train(resume_from_checkpoint=resume)
         finally:
             cfg.output_dir = final_dir
         metrics: dict[str, float] = {"train/loss": result.training_loss,
                                      "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
                                      "train/steps": float(trainer.state.global_step),
                                      "train/trainable_params": float(trainable)}
-        if trainer.eval_dataset is not None:
-            from rlhf_lm.evaluation import preference_accuracy
-
-            metrics.update(preference_accuracy(trainer))  # collective under DDP: every rank takes part
         if state.is_main_process:
-            metrics.update(evaluate_against_reference(cfg, trainer, tokenizer, stage))
-            save_artifact(cfg, trainer, tokenizer, stage, metrics, report, eval_report)
+            save_artifact(cfg, trainer, tokenizer, stage)
+        try:
+            if trainer.eval_dataset is not None:
+                from rlhf_lm.evaluation import preference_accuracy
+
+                metrics.update(preference_accuracy(trainer))  # collective under DDP: every rank takes part
+            if state.is_main_process:
+                metrics.update(evaluate_against_reference(cfg, trainer, tokenizer, stage, prompts, judge))
+        except Exception as e:  # the trained policy is saved: keep it, report the evaluation's failure after
+            eval_error = e
+            logger.debug("The closing evaluation failed.", exc_info=True)
+        if state.is_main_process:
+            write_metrics(cfg, stage, metrics, report, eval_report, eval_error)
         state.wait_for_everyone()
+    if eval_error is not None:
+        raise EvaluationError(f"The DPO policy was trained and saved to {final_dir}, but the closing evaluation "
+                              f"failed: {describe(eval_error).rstrip('.')}. Re-run only the evaluation with: "
+                              f"{evaluate_command(cfg)}") from eval_error
     return metrics
 
 
-def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> dict[str, float]:
+def load_judge(cfg: DPOStageConfig) -> tuple[Any, list[Any] | None]:
+    """(reward model, held-out prompts): the reward model that judges the win-rate, resolved and called once on the
+    held-out prompts before training; (None, None) without one (the prompts are then loaded for the evaluation)."""
+    if not cfg.reward_model:
+        return None, None
+    from rlhf_lm.rewards import load_reward, probe_reward
+
+    reward = load_reward(cfg.reward_model)
+    require_model(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
+                               trust_remote_code=cfg.trust_remote_code, require_eos=True)  # decides hh_format: auto
+    prompts = load_eval_prompts(cfg, tokenizer)
+    if not prompts:
+        logger.warning("reward_model %s is set, but there are no held-out prompts to judge the policy on (set "
+                       "eval_prompts): it will not be used.", cfg.reward_model)
+        return None, prompts
+    probe_reward(reward, prompts, name=cfg.reward_model)
+    return reward, prompts
+
+
+def evaluate_command(cfg: DPOStageConfig) -> str:
+    """The `rlhf-lm evaluate` command that re-runs this stage's closing evaluation on its saved output."""
+    parts = ["rlhf-lm evaluate", f"--policy_path {cfg.output_dir}", f"--output_dir {cfg.output_dir}-eval"]
+    prompts = cfg.eval_prompts or (str(root / "data" / "prompts_eval.jsonl")
+                                   if (root := task_root(cfg.dataset_name)) else None)
+    if prompts:
+        parts.append(f"--prompts {prompts}")
+    if cfg.reward_model:
+        parts.append(f"--reward_model {cfg.reward_model}")
+    if cfg.eval_dataset_name:
+        parts.append(f"--pairs {cfg.eval_dataset_name} --beta {cfg.beta}")
+    if cfg.eval_num_prompts:
+        parts.append(f"--num_prompts {cfg.eval_num_prompts}")
+    if cfg.eval_gold is not None:
+        parts.append(f"--gold {str(cfg.eval_gold).lower()}")
+    parts.append(f"--max_new_tokens {cfg.eval_max_new_tokens} --temperature {cfg.eval_temperature} --seed {cfg.seed}")
+    return " ".join(parts)
+
+
+def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: Path, prompts: list[Any] | None = None,
+                               reward=None) -> dict[str, float]:
     """Sample the policy and its reference on held-out prompts (win-rate, reward, KL, gold) into samples.jsonl."""
     from rlhf_lm.evaluation import evaluate_policy
 
-    prompts = load_eval_prompts(cfg, tokenizer)
+    prompts = load_eval_prompts(cfg, tokenizer) if prompts is None else prompts
     if not prompts:
         return {}
     policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -554,11 +616,6 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
                                                          dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                                          allow_pickle_weights=cfg.allow_pickle_weights)
         reference = trainer.accelerator.unwrap_model(reference).to(trainer.args.device)
-    reward = None
-    if cfg.reward_model:
-        from rlhf_lm.rewards import load_reward
-
-        reward = load_reward(cfg.reward_model)
     gold = cfg.eval_gold if cfg.eval_gold is not None else task_root(cfg.dataset_name) is not None
     metrics = evaluate_policy(policy, tokenizer, prompts, reward, reference=reference, gold=gold,
                               samples_path=stage / "samples.jsonl", max_new_tokens=cfg.eval_max_new_tokens,
@@ -568,21 +625,25 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
     return metrics
 
 
-def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path, metrics: dict[str, float],
-                  report: DataReport, eval_report: DataReport) -> None:
+def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
+    """The trained policy (adapter or full model) and its tokenizer."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if cfg.use_peft:
         model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True)  # not TRL's "ref" copy
     else:
         trainer.save_model(str(stage))
     tokenizer.save_pretrained(stage)
-    for checkpoint in stage.glob("checkpoint-*"):  # the finished artifact needs no resume state
-        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], report: DataReport,
+                  eval_report: DataReport, eval_error: Exception | None = None) -> None:
+    """metrics.json, written last: it marks the stage finished (for a pipeline), with the evaluation's failure if any."""
     config = cfg.to_dict()
     config.pop("logging_dir", None)
     reference = ("sft_adapter" if cfg.sft_adapter_path else "base (adapters off)" if cfg.use_peft
                  else "ref_model")
-    write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference,
+    extra = {"evaluation_error": describe(eval_error)} if eval_error is not None else {}
+    write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference, **extra,
                                       "data": {"train": report.as_dict(), "eval": eval_report.as_dict()},
                                       "config": json.loads(json.dumps(config, default=str))})
 

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
-from rlhf_lm.configs import parse_config
+from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, read_json, staged_output, write_json
+from rlhf_lm.configs import check_batch_sizes, overwrite_output_dir_field, parse_config
 from rlhf_lm.errors import ArtifactError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -75,8 +75,10 @@ class EvaluateStageConfig:
     device: str | None = field(default=None, metadata={"help": "cuda, cpu, ... Default: cuda when available."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
     allow_pickle_weights: bool = field(default=False, metadata={"help": "Allow loading pickle (.bin) weights."})
+    overwrite_output_dir: bool = overwrite_output_dir_field()
 
     def __post_init__(self) -> None:
+        check_batch_sizes(self, ("batch_size",))
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}.")
         if self.num_prompts is not None and self.num_prompts <= 0:
@@ -95,7 +97,7 @@ def _is_adapter(path: str | None) -> bool:
 def _training_config(policy_path: str) -> dict:
     """The config the policy was trained with, from its metrics.json (empty when there is none)."""
     metrics = Path(policy_path) / METRICS_FILE
-    return json.loads(metrics.read_text()).get("config", {}) if metrics.is_file() else {}
+    return read_json(metrics).get("config", {}) if metrics.is_file() else {}
 
 
 def trained_or_auto(trained: dict) -> SimpleNamespace:
@@ -168,6 +170,11 @@ def run(cfg: EvaluateStageConfig) -> dict[str, float]:
     from rlhf_lm.evaluation import evaluate_policy
     from rlhf_lm.stages.dpo import task_root
 
+    if not cfg.policy_path:
+        raise ConfigError("Set policy_path: the output dir of a dpo / ppo / grpo stage (or any model dir).")
+    if not Path(cfg.policy_path).is_dir():
+        raise ArtifactError(f"policy_path {cfg.policy_path} does not exist.")
+    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
     policy, reference, tokenizer = load_models(cfg)
     trained = _training_config(cfg.policy_path)
     prompts_source = cfg.prompts
@@ -181,12 +188,13 @@ def run(cfg: EvaluateStageConfig) -> dict[str, float]:
     prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
     reward = None
     if cfg.reward_model:
-        from rlhf_lm.rewards import load_reward
+        from rlhf_lm.rewards import load_reward, probe_reward
 
         reward = load_reward(cfg.reward_model)
+        probe_reward(reward, prompts, name=cfg.reward_model)  # fails now, not after sampling every prompt
     gold = cfg.gold if cfg.gold is not None else task_root(prompts_source) is not None
 
-    with staged_output(cfg.output_dir) as out:
+    with staged_output(cfg.output_dir, stage="evaluate", overwrite=cfg.overwrite_output_dir) as out:
         metrics = evaluate_policy(policy, tokenizer, prompts, reward, reference=reference, gold=gold,
                                   samples_path=out / "samples.jsonl", max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size)

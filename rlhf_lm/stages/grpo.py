@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.artifacts import (
+    METRICS_FILE,
+    AtomicCheckpoints,
+    check_output_dir,
+    resolve_resume,
+    staged_output,
+    write_json,
+)
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -24,8 +31,8 @@ from rlhf_lm.configs import (
     TrainingDefaults,
     parse_config,
 )
-from rlhf_lm.errors import ArtifactError, ConfigError, DataError
-from rlhf_lm.rewards import RewardModel, check_rewards
+from rlhf_lm.errors import ConfigError, DataError
+from rlhf_lm.rewards import RewardModel, check_rewards, probe_reward
 from rlhf_lm.sampling import NEUTRAL_SAMPLING
 
 logger = logging.getLogger(__name__)
@@ -104,6 +111,11 @@ class GRPOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, Controll
 CONFIG = GRPOStageConfig
 
 
+def with_atomic_checkpoints(trainer_cls: type) -> type:
+    """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`)."""
+    return type(trainer_cls.__name__, (AtomicCheckpoints, trainer_cls), {})
+
+
 def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
     """Load model, tokenizer, prompts and reward; train with ``trainer_cls`` (GRPOTrainer / RLOOTrainer); save."""
     from peft import get_peft_model
@@ -117,10 +129,13 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
         raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
     if not cfg.reward_model:
         raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
+    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
+    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     reward_fn = TRLRewardFunction(load_reward(cfg.reward_model), reward_name(cfg.reward_model))
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
     train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
+    probe_reward(reward_fn.reward, train["prompt"][:2], name=cfg.reward_model)  # fails now, not after loading
     train = filter_prompts(train, tokenizer, cfg.max_prompt_length, report)
     if eval_ds is not None:
         eval_ds = filter_prompts(eval_ds, tokenizer, cfg.max_prompt_length, report)
@@ -140,17 +155,14 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
         callback = build_callback(cfg.controller, stage=stage)
         callbacks = [callback] if callback is not None else []
 
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() == "true":
-        resume = last_checkpoint(partial_dir(cfg.output_dir))
-        if resume is None:
-            raise ArtifactError(f"resume_from_checkpoint=true but {partial_dir(cfg.output_dir)} holds no checkpoint.")
     # TRL sets temperature, top_k, top_p, min_p and repetition_penalty from the config, but min_p's default (None)
     # and every option it does not set are filled from the checkpoint's generation_config: pin them to neutral, as
     # our PPO does, so samples come from the softmax the loss is computed on. The recipe's own choices win.
     cfg.generation_kwargs = {**without_config_fields(NEUTRAL_SAMPLING, cfg), **(cfg.generation_kwargs or {})}
     final_dir = cfg.output_dir
-    with staged_output(final_dir) as out:
+    trainer_cls = with_atomic_checkpoints(trainer_cls)
+    with staged_output(final_dir, stage=stage, overwrite=cfg.overwrite_output_dir,
+                       resume=cfg.resume_from_checkpoint) as out:
         cfg.output_dir = str(out)
         try:
             trainer = trainer_cls(model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=train,

@@ -5,7 +5,7 @@
 
 Writes to ``output_dir``: the LoRA adapter (``adapter_model.safetensors``), the value head, the tokenizer and
 ``metrics.json`` (final metrics, data report, config, log history). Interrupted runs resume with
-``--resume_from_checkpoint true`` (the newest checkpoint of ``<output_dir>.partial``) or a checkpoint path.
+``--resume_from_checkpoint true`` (the newest complete checkpoint of ``<output_dir>.partial``) or a checkpoint path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, resolve_resume, staged_output, write_json
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -23,7 +23,7 @@ from rlhf_lm.configs import (
     _call_next_post_init,
     parse_config,
 )
-from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.errors import ConfigError
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -54,36 +54,25 @@ class PPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Trainin
 CONFIG = PPOStageConfig
 
 
-def _resume_path(cfg: PPOStageConfig) -> str | None:
-    resume = cfg.resume_from_checkpoint
-    if resume in (None, False, "", "false", "False"):
-        return None
-    if str(resume).lower() == "true":
-        found = last_checkpoint(partial_dir(cfg.output_dir))
-        if found is None:
-            raise ArtifactError(f"resume_from_checkpoint=true but {partial_dir(cfg.output_dir)} holds no checkpoint; "
-                                "set save_strategy: steps to write them.")
-        return found
-    return str(resume)
-
-
 def run(cfg: PPOStageConfig) -> dict[str, float]:
     from peft import get_peft_model
     from transformers import set_seed
 
     from rlhf_lm.data import load_prompt_data
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
-    from rlhf_lm.rewards import load_reward
+    from rlhf_lm.rewards import load_reward, probe_reward
 
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
     if not cfg.reward_model:
         raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
-    resume = _resume_path(cfg)
+    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
+    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     reward = load_reward(cfg.reward_model)
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
     train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
+    probe_reward(reward, train["prompt"][:2], name=cfg.reward_model)  # fails now, not after loading the model
     set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
     model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
                            allow_pickle_weights=cfg.allow_pickle_weights)
@@ -96,7 +85,8 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
         callbacks = [callback] if callback is not None else []
 
     final_dir = cfg.output_dir
-    with staged_output(final_dir) as out:
+    with staged_output(final_dir, stage="ppo", overwrite=cfg.overwrite_output_dir,
+                       resume=cfg.resume_from_checkpoint) as out:
         cfg.output_dir = str(out)  # checkpoints go to the partial dir until the run succeeds
         try:
             trainer = PPOTrainer(model, cfg, tokenizer, reward, train["prompt"],

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,15 @@ import torch
 import trl
 from trl import RewardConfig
 
-from rlhf_lm.artifacts import METRICS_FILE, last_checkpoint, partial_dir, staged_output, write_json
+from rlhf_lm.artifacts import (
+    METRICS_FILE,
+    AtomicCheckpoints,
+    check_output_dir,
+    partial_dir,
+    resolve_resume,
+    staged_output,
+    write_json,
+)
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -38,7 +45,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.data import DataReport, load_preference_data
-from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
 from rlhf_lm.modeling import (
     count_parameters,
     ensure_special_tokens,
@@ -97,8 +104,9 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
 CONFIG = RewardStageConfig
 
 
-class RewardTrainer(LengthGroupedBatches, trl.RewardTrainer):
-    """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`)."""
+class RewardTrainer(AtomicCheckpoints, LengthGroupedBatches, trl.RewardTrainer):
+    """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`) and atomic
+    checkpoints (:class:`rlhf_lm.artifacts.AtomicCheckpoints`)."""
 
 
 def task_root(dataset_name: str | None) -> Path | None:
@@ -175,16 +183,16 @@ def load_reward_tokenizer(cfg: RewardStageConfig):
     return tokenizer
 
 
-def _resume_path(cfg: RewardStageConfig, stage: Path) -> str | None:
-    resume = cfg.resume_from_checkpoint
-    if resume in (None, False, "", "false", "False"):
-        return None
-    if resume in (True, "true", "True"):
-        found = last_checkpoint(stage)
-        if found is None:
-            logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch.", stage)
-        return found
-    return str(resume)
+def check_length_room(max_length: int | None, tokenizer) -> None:
+    """``max_length`` must fit a prompt token, a response token, the EOS RewardTrainer appends and the tokenizer's
+    own special tokens; otherwise TRL drops every pair and fails deep in its sampler."""
+    if max_length is None:
+        return
+    needed = 3 + tokenizer.num_special_tokens_to_add()
+    if max_length < needed:
+        raise ConfigError(f"max_length={max_length} leaves no room for a prompt and a response: this tokenizer needs "
+                          f"at least {needed} tokens (one of prompt, one of response, EOS and its special tokens). "
+                          "Raise max_length.")
 
 
 def run(cfg: RewardStageConfig) -> dict[str, float]:
@@ -195,7 +203,11 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the reward backbone (a causal LM / encoder directory or Hub id).")
     state = PartialState()
+    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
+    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     tokenizer = load_reward_tokenizer(cfg)
+    check_length_room(cfg.max_length, tokenizer)
+    train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
     set_seed(cfg.seed)  # the fresh score head is random: seed it
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point, not a problem
         model = load_sequence_classifier(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
@@ -207,8 +219,8 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
         logger.info("max_length=%s exceeds what %s can read; using its max_position_embeddings=%s.",
                     cfg.max_length, cfg.model_name_or_path, limit)
         cfg.max_length = limit
+        check_length_room(cfg.max_length, tokenizer)
 
-    train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
     # RewardTrainer silently drops pairs over max_length: fit them here (long prompts keep their last turns), every
     # cut or dropped pair counted, measured in the exact tokens RewardTrainer will see.
     eval_report = DataReport(source=f"{report.source} (eval)", rows_in=len(eval_ds) if eval_ds is not None else 0)
@@ -227,7 +239,10 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
         callbacks += [callback] if callback is not None else []
 
     final_dir = cfg.output_dir
-    staging = staged_output(final_dir) if state.is_main_process else nullcontext(partial_dir(final_dir))
+    staging = (staged_output(final_dir, stage="reward", overwrite=cfg.overwrite_output_dir,
+                             resume=cfg.resume_from_checkpoint, drop_checkpoints=True)
+               if state.is_main_process else nullcontext(partial_dir(final_dir)))
+    measure_error: Exception | None = None
     with staging as stage:
         cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
         try:
@@ -238,10 +253,13 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
                 if ds is not None and len(prepared) < len(ds):  # tokenising prompt+response can differ by a token
                     rep.drop(f"pair over max_length={cfg.max_length} after EOS", len(ds) - len(prepared))
                     rep.rows_out = len(prepared)
+            if len(trainer.train_dataset) == 0:
+                raise DataError(f"No training pairs fit max_length={cfg.max_length} ({report.summary()}). Raise "
+                                "max_length or shorten the data.")
             trainable, total = count_parameters(trainer.model)
             logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
                         "LoRA + head" if peft_config else "full fine-tune")
-            result = trainer.train(resume_from_checkpoint=_resume_path(cfg, stage))
+            result = trainer.train(resume_from_checkpoint=resume)
         finally:
             cfg.output_dir = final_dir
 
@@ -249,16 +267,39 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
                                      "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
                                      "train/trainable_params": float(trainable)}
         if state.is_main_process:
-            metrics.update(_measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_report, head,
-                                             stage, peft_config is not None))
+            save_reward_model(cfg, trainer, tokenizer, head, stage, peft_config is not None)
+            try:
+                extra = measure(cfg, trainer, tokenizer, train, eval_ds)
+                metrics.update(extra.pop("metrics"))
+            except Exception as e:  # the trained model is saved: keep it, report the failure after
+                measure_error, extra = e, {}
+                logger.debug("Measuring the reward model failed.", exc_info=True)
+            write_metrics(cfg, trainer, stage, metrics, extra, report, eval_report, peft_config is not None,
+                          measure_error)
         state.wait_for_everyone()
+    if measure_error is not None:
+        raise EvaluationError(f"The reward model was trained and saved to {final_dir}, but measuring it failed: "
+                              f"{describe(measure_error).rstrip('.')}. Its metrics.json lacks the evaluation and "
+                              "reward_mean / reward_std; fix the cause and re-run the stage with "
+                              "--overwrite_output_dir true.") from measure_error
     return metrics
 
 
-def _measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_report, head, stage: Path,
-                      is_peft: bool) -> dict[str, float]:
+def save_reward_model(cfg, trainer, tokenizer, head: str, stage: Path, is_peft: bool) -> None:
+    """The trained reward model (adapter with its head, or the merged / full model) and tokenizer, first of all."""
     model = trainer.model
-    reward = ClassifierReward(model, tokenizer, batch_size=max(cfg.per_device_eval_batch_size, 32),
+    if is_peft and cfg.merge_adapter:
+        model = model.merge_and_unload()
+        trainer.model = model
+    model.save_pretrained(stage, safe_serialization=True)
+    tokenizer.save_pretrained(stage)
+    if is_peft and not cfg.merge_adapter:
+        _check_head_saved(stage, head)
+
+
+def measure(cfg, trainer, tokenizer, train, eval_ds) -> dict[str, Any]:
+    """Eval metrics and the reward mean / std over the training responses (for normalising downstream)."""
+    reward = ClassifierReward(trainer.model, tokenizer, batch_size=max(cfg.per_device_eval_batch_size, 32),
                               device=trainer.args.device)
     gold = cfg.gold_metrics if cfg.gold_metrics is not None else task_root(cfg.dataset_name) is not None
     train_scores = torch.cat([reward.raw_scores(train["prompt"], train["chosen"]),
@@ -267,28 +308,25 @@ def _measure_and_save(cfg, trainer, tokenizer, train, eval_ds, report, eval_repo
     metrics = {"reward/train_accuracy": (train_scores[:n] > train_scores[n:]).float().mean().item()}
     if eval_ds is not None:
         metrics.update(evaluate_pairs(reward, eval_ds, gold=gold))
-    reward_mean, reward_std = train_scores.mean().item(), train_scores.std(unbiased=False).item()
     logger.info("Reward model: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return {"metrics": metrics, "reward_mean": train_scores.mean().item(),
+            "reward_std": train_scores.std(unbiased=False).item()}
 
-    if is_peft and cfg.merge_adapter:
-        model = model.merge_and_unload()
-    model.save_pretrained(stage, safe_serialization=True)
-    tokenizer.save_pretrained(stage)
-    if is_peft and not cfg.merge_adapter:
-        _check_head_saved(stage, head)
-    for checkpoint in stage.glob("checkpoint-*"):  # the finished artifact needs no resume state
-        shutil.rmtree(checkpoint, ignore_errors=True)
+
+def write_metrics(cfg, trainer, stage: Path, metrics: dict[str, float], extra: dict[str, Any], report: DataReport,
+                  eval_report: DataReport, is_peft: bool, error: Exception | None = None) -> None:
+    """metrics.json, written last: it marks the stage finished (for a pipeline)."""
     config = cfg.to_dict()
     config.pop("logging_dir", None)
     base = Path(cfg.model_name_or_path)
     # Where the base is relative to the artifact, so the pair of folders can move together (see ClassifierReward).
     relative = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve()) if is_peft and base.is_dir() else None
     write_json(stage / METRICS_FILE, {
-        "metrics": metrics, "reward_mean": reward_mean, "reward_std": reward_std, "base_model_relative": relative,
+        "metrics": metrics, **extra, "base_model_relative": relative,
+        **({"evaluation_error": describe(error)} if error is not None else {}),
         "data": {"train": report.as_dict(), "eval": eval_report.as_dict()}, "config": config,
         "log_history": trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
     })
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

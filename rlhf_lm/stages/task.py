@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from rlhf_lm.artifacts import METRICS_FILE, read_json, staged_output, write_json
-from rlhf_lm.configs import parse_config
+from rlhf_lm.configs import overwrite_output_dir_field, parse_config
 from rlhf_lm.task import TaskConfig, build_task
 
 
@@ -20,6 +20,7 @@ class TaskStageConfig(TaskConfig):
     pretrain_epochs: int = field(default=12, metadata={"help": "Epochs of causal-LM pre-training of the base policy."})
     hidden_size: int = field(default=64, metadata={"help": "Width of the tiny base policy."})
     num_hidden_layers: int = field(default=2, metadata={"help": "Depth of the tiny base policy."})
+    overwrite_output_dir: bool = overwrite_output_dir_field()
 
 
 CONFIG = TaskStageConfig
@@ -28,7 +29,7 @@ CONFIG = TaskStageConfig
 def run(cfg: TaskStageConfig) -> dict[str, float]:
     """Build the task into ``cfg.output_dir``; metrics.json (written last) marks the stage finished for a pipeline."""
     task_fields = {k: getattr(cfg, k) for k in TaskConfig.__dataclass_fields__}
-    with staged_output(cfg.output_dir) as out:
+    with staged_output(cfg.output_dir, stage="task", overwrite=cfg.overwrite_output_dir) as out:
         build_task(out, TaskConfig(**task_fields), arch=cfg.arch, pretrain_epochs=cfg.pretrain_epochs,
                    hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
                    num_hidden_layers=cfg.num_hidden_layers)
