@@ -120,6 +120,8 @@ def _foreign_files(directory: Path, marker: dict[str, Any]) -> list[str]:
 # -------------------------------------------------------------------------------------------- checkpoints
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """A ``checkpoint-N`` folder whose trainer state (written last by every trainer we use) is there and readable."""
+    if not isinstance(path, (str, os.PathLike)):
+        return False
     path = Path(path)
     if not (_CHECKPOINT_NAME.match(path.name) and path.is_dir()):
         return False
@@ -205,7 +207,7 @@ class AtomicCheckpoints:
     """
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint and is_complete_checkpoint(resume_from_checkpoint):
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)) and is_complete_checkpoint(resume_from_checkpoint):
             saved = json.loads((Path(resume_from_checkpoint) / TRAINER_STATE).read_text())
             last = self.args.max_steps if self.args.max_steps > 0 else saved.get("max_steps", 0)
             if last and saved.get("global_step", 0) >= last:
