@@ -32,7 +32,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.errors import ConfigError, DataError
-from rlhf_lm.rewards import RewardModel, check_rewards, probe_reward
+from rlhf_lm.rewards import RewardModel, check_rewards
 from rlhf_lm.sampling import NEUTRAL_SAMPLING
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,6 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
     train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
-    probe_reward(reward_fn.reward, train["prompt"][:2], name=cfg.reward_model)  # fails now, not after loading
     train = filter_prompts(train, tokenizer, cfg.max_prompt_length, report)
     if eval_ds is not None:
         eval_ds = filter_prompts(eval_ds, tokenizer, cfg.max_prompt_length, report)

@@ -60,7 +60,7 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
 
     from rlhf_lm.data import load_prompt_data
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
-    from rlhf_lm.rewards import load_reward, probe_reward
+    from rlhf_lm.rewards import load_reward
 
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
@@ -72,7 +72,6 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
     train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
-    probe_reward(reward, train["prompt"][:2], name=cfg.reward_model)  # fails now, not after loading the model
     set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
     model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
                            allow_pickle_weights=cfg.allow_pickle_weights)
