@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         where = f": {e.filename}" if e.filename else ""
         _fail(command, f"{e.strerror}{where}. Check the path and its permissions (or free disk space).")
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"rlhf-lm {command}: interrupted. {_resume_hint(command)}", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
@@ -100,8 +101,16 @@ def _fail(command: str, message: str) -> None:
     from rlhf_lm.redaction import scrub_text
 
     line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    _close_progress_bars()
     print(f"rlhf-lm {command}: error: {scrub_text(line)}", file=sys.stderr)
     sys.exit(2)
+
+
+def _close_progress_bars() -> None:
+    """Finish the progress bars a failing run left open, so our line starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
 
 
 def _resume_hint(command: str) -> str:

@@ -143,11 +143,16 @@ def read_with_every_loader(path: Path) -> list[str]:
 
 @pytest.fixture(autouse=True)
 def _datasets_cache_in_tmp(tmp_path, monkeypatch):
-    """datasets' CSV / Parquet builders cache every file they read: keep the fuzzed ones out of the user's cache."""
+    """datasets' CSV / Parquet builders cache every file they read: keep the fuzzed ones out of the user's cache
+    (and their progress bars out of the test log)."""
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    bars_were_off = datasets.utils.are_progress_bars_disabled()
     datasets.disable_progress_bars()
+    yield
+    if not bars_were_off:
+        datasets.enable_progress_bars()
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
