@@ -16,6 +16,7 @@ import os
 import sys
 
 from rlhf_lm.errors import RlhfError
+from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
 
 # OSErrors that are the machine saying no to the user's paths, not bugs.
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
@@ -43,20 +44,6 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _cpu_ranks_join_one_group() -> None:
-    """Under torchrun on a machine without CUDA, make the ranks one gloo process group.
-
-    Accelerate's multi-process launcher does not tell the ranks they run on CPU, and a Trainer without
-    ``use_cpu`` then silently runs N independent single-process copies. ACCELERATE_USE_CPU is what both
-    transformers' TrainingArguments and Accelerator read to pick the MULTI_CPU (gloo) setup instead.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ["ACCELERATE_USE_CPU"] = "true"
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -69,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"rlhf-lm: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     _setup_logging()
-    _cpu_ranks_join_one_group()
     try:
+        if command not in ("push",):  # everything that trains or samples runs in the launched process group
+            cpu_ranks_join_one_group()
+            check_current_launch()
         module = importlib.import_module(COMMANDS[command][0])
         code = module.main(rest)
     except RlhfError as e:

@@ -5,7 +5,9 @@ Two launches that look distributed and are not, both verified with accelerate 1.
 * ``accelerate launch --cpu --num_processes 2`` starts ONE process (accelerate's simple launcher), and nothing in
   its environment says two were asked for; only the launcher's own command line does.
 * a config with ``distributed_type: FSDP`` and ``use_cpu: true`` starts two processes that each report
-  ``DistributedType.NO`` and ``num_processes 1``: two independent, unsharded runs (torchrun set ``WORLD_SIZE=2``).
+  ``DistributedType.NO`` and ``num_processes 1``: two independent, unsharded runs (torchrun set ``WORLD_SIZE=2``);
+  once the ranks are told they run on CPU (:func:`cpu_ranks_join_one_group`, as the CLI does) they form one gloo
+  group, and accelerate drops the FSDP request: plain DDP, unsharded.
 
 Either way the user would pay for N processes' worth of setup and get one unsharded run per process, each writing
 the same output directory. :func:`check_launch` turns both into one clear error.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from rlhf_lm.errors import ConfigError
 
-FIX = ("For several CPU processes use accelerate_configs/multi_cpu.yaml (distributed_type: MULTI_CPU); FSDP and "
+FIX = ("For several CPU processes use --config_file accelerate_configs/multi_cpu.yaml (one gloo group); FSDP and "
        "DeepSpeed need GPUs.")
 
 
@@ -64,6 +66,20 @@ def check_launch(num_processes: int, distributed_type: str, environ: dict[str, s
                           f"(--cpu starts one). {FIX}")
 
 
+def cpu_ranks_join_one_group() -> None:
+    """Under torchrun on a machine without CUDA, make the ranks one gloo process group.
+
+    Accelerate's multi-process launcher does not tell the ranks they run on CPU, and a Trainer without
+    ``use_cpu`` then silently runs N independent single-process copies. ACCELERATE_USE_CPU is what both
+    transformers' TrainingArguments and Accelerator read to pick the MULTI_CPU (gloo) setup instead.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "ACCELERATE_USE_CPU" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
 def check_current_launch() -> None:
     """:func:`check_launch` for this process, from accelerate's state.
 
@@ -74,5 +90,9 @@ def check_current_launch() -> None:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    requested = launcher_num_processes()
+    engines = any(os.environ.get(k, "").lower() == "true" for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 and (requested or 1) <= 1 and not engines:
+        return  # a plain single-process run: leave the state for the trainer to set up (e.g. use_cpu on a GPU host)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    check_launch(state.num_processes, str(state.distributed_type))
+    check_launch(state.num_processes, str(state.distributed_type), requested=requested or 0)

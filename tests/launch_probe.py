@@ -1,10 +1,9 @@
 """Run by tests/test_launch.py under `accelerate launch`: the launch check, as a stage runs it first."""
 
-from rlhf_lm.cli import _cpu_ranks_join_one_group
 from rlhf_lm.errors import ConfigError
-from rlhf_lm.launch import check_current_launch
+from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
 
-_cpu_ranks_join_one_group()  # what the rlhf-lm CLI does first
+cpu_ranks_join_one_group()  # what the rlhf-lm CLI does first
 try:
     check_current_launch()
     print("LAUNCH OK")

@@ -38,7 +38,8 @@ def test_cpu_flag_with_two_processes_is_refused(tmp_path):
     """`--cpu --num_processes 2` starts one process, and only the launcher's command line says two were asked for."""
     assert _launch(tmp_path, "--cpu", "--num_processes", "2") == [
         "LAUNCH ERROR: accelerate launch was asked for 2 processes but started 1 (--cpu starts one). For several CPU "
-        "processes use accelerate_configs/multi_cpu.yaml (distributed_type: MULTI_CPU); FSDP and DeepSpeed need GPUs."]
+        "processes use --config_file accelerate_configs/multi_cpu.yaml (one gloo group); FSDP and DeepSpeed need "
+        "GPUs."]
 
 
 def test_fsdp_on_cpu_is_refused(tmp_path):
@@ -55,3 +56,16 @@ def test_a_real_two_process_group_passes(tmp_path):
     lines = _launch(tmp_path, "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
                     "--num_processes", "2", "--main_process_port", "0")
     assert lines == ["LAUNCH OK", "LAUNCH OK"]
+
+
+def test_the_cli_stops_such_a_launch_with_one_line_before_loading_anything(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "-m", "rlhf_lm", "dpo",
+           "--model_name_or_path", str(tmp_path / "no_model"), "--dataset_name", str(tmp_path / "no_data.jsonl"),
+           "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rlhf-lm dpo: error:")]
+    assert errors == ["rlhf-lm dpo: error: accelerate launch was asked for 2 processes but started 1 (--cpu starts "
+                      "one). For several CPU processes use --config_file accelerate_configs/multi_cpu.yaml (one gloo "
+                      "group); FSDP and DeepSpeed need GPUs."], done.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
