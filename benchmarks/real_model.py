@@ -22,8 +22,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import time
@@ -125,7 +123,7 @@ def quality(workdir: Path, model: str, size: Size) -> dict:
 
 # ------------------------------------------------------------------------------------------ (d) speed and memory
 SPEED_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import torch
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(1)
@@ -134,15 +132,18 @@ trainer, tokens = speed_trainer(**spec)
 start = time.perf_counter()
 trainer.train()
 seconds = time.perf_counter() - start
+# This process's own high-water mark: ru_maxrss would carry the driver's over from before the exec
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": seconds, "tokens": tokens(trainer), "steps": trainer.state.global_step,
-                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
+                  "peak_rss_gb": peak / 2**20}))
 """
 
 
 def speed_trainer(side: str, stage: str, model: str, data: str, out: str, steps: int, batch: int, max_length: int,
                   bf16: bool | None = None):
     """A trainer for ``steps`` optimizer steps: ``side="trl"`` is plain TRL (its defaults, the model as a path),
-    ``side="ours"`` our stage's config, trainer class and model loading. Returns (trainer, tokens_seen)."""
+    ``side="ours"`` our stage's config, trainer class and model loading, ``"ours_memory"`` the same in our memory
+    mode (activation checkpointing). Returns (trainer, tokens_seen)."""
     from peft import LoraConfig
 
     from rlhf_lm.data import load_rows, normalize_preferences
@@ -172,6 +173,8 @@ def speed_trainer(side: str, stage: str, model: str, data: str, out: str, steps:
     else:
         from rlhf_lm.configs import config_from_dict
 
+        if side == "ours_memory":
+            shape["activation_checkpointing"] = True
         if stage == "reward":
             from rlhf_lm.modeling import load_sequence_classifier
             from rlhf_lm.stages.reward import CONFIG, RewardTrainer
@@ -196,15 +199,17 @@ def _cuda() -> bool:
 
 
 def speed(workdir: Path, model: str, size: Size, rounds: int = 2) -> dict:
-    """Each side in its own process, alternating (ours, trl, trl, ours, ...); medians of tokens/s and peak RSS."""
+    """Each side in its own process, alternating (ours, ours_memory, trl, then reversed); medians of tokens/s and
+    peak RSS (the process's own VmHWM)."""
     import statistics
 
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
     out: dict = {}
     for stage in ("reward", "dpo"):
-        runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+        sides = ("ours", "ours_memory", "trl")
+        runs: dict[str, list[dict]] = {side: [] for side in sides}
         for r in range(rounds):
-            for side in ("ours", "trl") if r % 2 == 0 else ("trl", "ours"):
+            for side in sides if r % 2 == 0 else sides[::-1]:
                 spec = dict(side=side, stage=stage, model=model, data=str(HH_PAIRS), out=str(workdir / "speed"),
                             steps=size.speed_steps, batch=size.batch, max_length=size.max_length, bf16=size.bf16)
                 done = subprocess.run([sys.executable, "-c", SPEED_CHILD, json.dumps(spec)], env=env, cwd=ROOT,
@@ -218,8 +223,16 @@ def speed(workdir: Path, model: str, size: Size, rounds: int = 2) -> dict:
         med = {side: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "peak_rss_gb", "seconds")}
                for side, rs in runs.items()}
         out[stage] = {"runs": runs, "median": med,
-                      "ours_over_trl": {k: med["ours"][k] / med["trl"][k] for k in ("tokens_per_s", "peak_rss_gb")}}
+                      **{f"{side}_over_trl": {k: med[side][k] / med["trl"][k] for k in ("tokens_per_s", "peak_rss_gb")}
+                         for side in sides[:2]}}
     return out
+
+
+def machine() -> dict:
+    """CPU model, cores and library versions (the benchmark's numbers mean little without them)."""
+    from benchmarks.quality import machine as quality_machine
+
+    return quality_machine()
 
 
 def write_samples(workdir: Path, path: Path, n: int = 4) -> None:
@@ -242,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--workdir", default="/tmp/rlhf_lm_real_model")
     parser.add_argument("--skip-speed", action="store_true", help="Only (a)-(c).")
+    parser.add_argument("--skip-quality", action="store_true", help="Only (d), into the existing result file.")
     args = parser.parse_args(argv)
     if not HH_PAIRS.is_file():
         raise SystemExit(f"needs the shared HH-RLHF pairs at {HH_PAIRS}")
@@ -251,17 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[args.size]
     workdir = Path(args.workdir) / args.size
     start = time.perf_counter()
+    out = ROOT / "benchmarks" / "results" / f"real_model_{args.size}.json"
     report = {"benchmark": "real_model", "size": args.size, "settings": size.__dict__, "model": "SmolLM2-135M-Instruct",
-              "held_out_pairs": HELD_OUT, "machine": {"cpu": platform.processor(), "python": platform.python_version()},
-              "quality": quality(workdir, model, size)}
-    report["quality_seconds"] = time.perf_counter() - start
+              "held_out_pairs": HELD_OUT, "machine": machine()}
+    if args.skip_quality:
+        report = {**json.loads(out.read_text()), **report}
+    else:
+        report["quality"] = quality(workdir, model, size)
+        report["quality_seconds"] = time.perf_counter() - start
     if not args.skip_speed:
         report["speed"] = speed(workdir, model, size)
     report["total_seconds"] = time.perf_counter() - start
-    report["peak_rss_gb_driver"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    out = ROOT / "benchmarks" / "results" / f"real_model_{args.size}.json"
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if args.size != "smoke":
+    if args.size != "smoke" and not args.skip_quality:
         write_samples(workdir, ROOT / "docs" / "real_model_samples.md")
     print(f"[real_model] wrote {out} in {report['total_seconds']:.0f} s")
     return 0
