@@ -98,13 +98,13 @@ def quality(workdir: Path, model: str, size: Size) -> dict:
     data = write_splits(workdir, size)
     rm_dir, dpo_dir, ppo_dir = workdir / "reward", workdir / "dpo", workdir / "ppo"
     results = {}
-    reward = run_stage("reward", dict(common(model, data, size, rm_dir), learning_rate=1e-4, num_train_epochs=1,
+    reward = run_stage("reward", dict(common(model, data, size, rm_dir), learning_rate=2e-4, num_train_epochs=1,
                                       per_device_train_batch_size=size.batch, max_length=size.max_length))
     longer = reward.get("reward/length_baseline_accuracy")
     reward["reward/shorter_wins_accuracy"] = 1.0 - longer if longer is not None else None
     results["reward"] = reward
     results["dpo"] = run_stage("dpo", dict(
-        common(model, data, size, dpo_dir), learning_rate=5e-5, beta=0.1, num_train_epochs=1,
+        common(model, data, size, dpo_dir), learning_rate=1e-4, beta=0.1, num_train_epochs=1,
         per_device_train_batch_size=size.batch, max_length=size.max_length, reward_model=str(rm_dir),
         eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens))
     results["ppo"] = run_stage("ppo", dict(
