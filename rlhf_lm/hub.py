@@ -33,6 +33,7 @@ PIPELINE_FILE = "pipeline.json"  # same name as rlhf_lm.pipeline.PIPELINE_FILE (
 EXCLUDED_PARTS = re.compile(r"(^|/)(checkpoint-\d+|[^/]+\.partial|[^/]+\.old|runs|__pycache__)(/|$)")
 EXCLUDED_FILES = {"optimizer.pt", "scheduler.pt", "training_args.bin", "trainer_state.json", "scaler.pt",
                   OUTPUT_MARKER}
+NOT_AN_ADAPTER = "the reward is not a reward-stage LoRA adapter"  # rlhf_lm.shared_reward's reason (not imported)
 LIBRARIES = ("rlhf-lm", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub")
 
 
@@ -189,6 +190,22 @@ def _load_snippet(repo_id: str, stages: dict[str, Path], base: str) -> str:
     return "\n".join(lines)
 
 
+def _reward_layout_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per online stage on how its reward model was held: shared with the policy's base, or separate."""
+    lines = []
+    for prefix, values in metrics.items():
+        layout = values.get("reward_layout") or {}
+        stage = f"`{prefix}`" if prefix else "this run"
+        if layout.get("shared_base"):
+            lines.append(f"- **Reward model of {stage}:** shared - the reward stage's LoRA adapter ran as a second, "
+                         f"frozen adapter (`{layout.get('adapter_name')}`) on the policy's own base weights, so the "
+                         "run held one copy of the base (base weights sha256 "
+                         f"`{str(layout.get('base_sha256'))[:16]}`). It is not part of the saved policy adapter.")
+        elif layout.get("reason") and layout["reason"] != NOT_AN_ADAPTER:
+            lines.append(f"- **Reward model of {stage}:** a separate model ({layout['reason']}).")
+    return lines
+
+
 KEY_METRICS = ("eval/win_rate", "eval/gold_win_rate", "eval/gold_reward/policy", "eval/gold_reward/reference",
                "eval/kl", "reward/accuracy", "reward/gold_accuracy", "objective/scores", "objective/kl",
                "task/label_agreement")
@@ -234,6 +251,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
         "",
         f"- **Base model:** {base_text}",
         f"- **Datasets:** {', '.join(f'`{_portable(d, run_dir)}`' for d in datasets) or 'see the recipe'}",
+        *_reward_layout_lines(metrics),
         "",
         "## What is in this repository",
         "",

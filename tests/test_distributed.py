@@ -103,18 +103,22 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_task_dir, tmp_pat
     first = [next(e for e in m["log_history"] if "objective/scores" in e) for m in (ppo_two, ppo_one)]
     assert abs(first[0]["objective/scores"] - first[1]["objective/scores"]) <= PPO_SCORE_TOL
     assert (two / "ppo" / "adapter_model.safetensors").is_file()
+    # the reward stage's adapter was trained on the policy's base: both runs scored it on the policy's own weights
+    assert ppo_two["reward_layout"]["shared_base"] and ppo_one["reward_layout"]["shared_base"]
+    assert not (two / "ppo" / "reward").exists()
 
     # only rank 0 wrote: one output dir per stage, nothing left in side directories
     assert sorted(p.name for p in two.iterdir()) == ["dpo", "pipeline.json", "ppo", "reward"]
 
 
-def launch_two_ranks(script: str, task: Path, out: Path) -> tuple[dict, dict]:
-    """Run tests/<script> in 2 CPU processes of one group; each rank writes rank<i>.json into ``out``."""
+def launch_two_ranks(script: str, task: Path, out: Path, *extra: str) -> tuple[dict, dict]:
+    """Run tests/<script> in 2 CPU processes of one group (arguments: task, out, *extra); each rank writes
+    rank<i>.json into ``out``."""
     # a bare script, not the rlhf-lm CLI: it must tell accelerate itself that the ranks are CPU ranks of one group
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--num_processes", "2", "--main_process_port",
-           str(free_port()), str(ROOT / "tests" / script), str(task), str(out)]
+           str(free_port()), str(ROOT / "tests" / script), str(task), str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tuple(json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1))
@@ -136,3 +140,27 @@ def test_each_rank_samples_with_its_own_seed(tiny_task_dir, tmp_path):
     rank0, rank1 = launch_two_ranks("ddp_ppo_seed_run.py", tiny_task_dir, tmp_path)
     assert rank0["num_processes"] == rank1["num_processes"] == 2
     assert rank0["completions"] != rank1["completions"]
+
+
+def test_ppo_with_a_shared_reward_adapter_under_ddp(tiny_task_dir, tmp_path):
+    """The reward-stage adapter on the policy's base in 2 DDP processes: it scores on every rank, is in no optimizer
+    and no gradient, ends bit-identical to how it was loaded on both ranks, and the policy weights stay in sync."""
+    from rlhf_lm.configs import config_from_dict
+    from rlhf_lm.stages import reward as reward_stage
+
+    rm = tmp_path / "reward"
+    reward_stage.run(config_from_dict(reward_stage.RewardStageConfig, dict(
+        model_name_or_path=str(tiny_task_dir / "base_policy"), dataset_name=str(tiny_task_dir / "data"),
+        dataset_train_split="pairs_train", dataset_eval_split="pairs_eval", output_dir=str(rm), max_steps=2,
+        per_device_train_batch_size=16, learning_rate=3e-3, save_strategy="no", disable_tqdm=True, use_cpu=True,
+        report_to="none"), "test"))
+    out = tmp_path / "ddp"
+    out.mkdir()
+    rank0, rank1 = launch_two_ranks("ddp_shared_reward_run.py", tiny_task_dir, out, str(rm))
+    for rank in (rank0, rank1):
+        assert rank["num_processes"] == 2 and rank["shared"] and rank["layout"]["shared_base"]
+        assert rank["reward_after"] == rank["reward_before"] == rank0["reward_before"]
+        assert not rank["reward_trainable"] and not rank["reward_in_optimizer"]
+        assert len(rank["scores"]) == 2
+    assert rank0["policy"] == rank1["policy"]
+    assert not (out / "final" / "reward").exists() and (out / "final" / "adapter_model.safetensors").is_file()

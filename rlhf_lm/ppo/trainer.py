@@ -356,7 +356,10 @@ class PPOTrainer:
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             output_dir = Path(output_dir)
-            self.unwrapped.policy.save_pretrained(output_dir)
+            # The active (policy) adapter only: a reward adapter sharing the base (rlhf_lm.shared_reward) is frozen
+            # and reloaded from its own artifact; PEFT would otherwise save it too, as if this run had trained it.
+            policy = self.unwrapped.policy
+            policy.save_pretrained(output_dir, selected_adapters=[policy.active_adapter])
             save_file({k: v.contiguous() for k, v in self.unwrapped.value_head.state_dict().items()},
                       output_dir / VALUE_HEAD_FILE)
             self.tokenizer.save_pretrained(output_dir)
@@ -400,7 +403,8 @@ class PPOTrainer:
                    if not (ckpt / f).is_file()]
         if missing:
             raise ArtifactError(f"Checkpoint {ckpt} is incomplete (missing {missing}); resume from an earlier one.")
-        set_peft_model_state_dict(self.unwrapped.policy, load_file(ckpt / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.unwrapped.policy, load_file(ckpt / "adapter_model.safetensors"),
+                                  adapter_name=self.unwrapped.policy.active_adapter)
         self.unwrapped.value_head.load_state_dict(load_file(ckpt / VALUE_HEAD_FILE))
         saved = torch.load(ckpt / PPO_STATE, weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -95,6 +95,12 @@ class OnlineRLArguments:
         metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
                           "'file.py:Name'."},
     )
+    share_reward_base: bool = field(
+        default=True,
+        metadata={"help": "A reward-stage LoRA reward model trained on the policy's own base checkpoint (same config "
+                          "and weights, same tokenizer) is loaded as a second adapter on the policy's base instead "
+                          "of a second copy of the weights (needs use_peft). false: always a separate model."},
+    )
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
     data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (this stage reads prompts only)."})
@@ -123,7 +129,7 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
 
     from rlhf_lm.data import load_prompt_data
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
-    from rlhf_lm.rewards import load_reward
+    from rlhf_lm.shared_reward import PolicyAdapterOnlySaves, resolve_reward
 
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
@@ -131,7 +137,7 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
         raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
     check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
     resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-    reward_fn = TRLRewardFunction(load_reward(cfg.reward_model), reward_name(cfg.reward_model))
+    place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
     train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
@@ -147,6 +153,9 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
         # Wrapped here rather than via peft_config=: TRL then sees a PeftModel and, with beta > 0, uses the
         # adapter-free base as its reference (no second copy of the weights).
         model = get_peft_model(model, peft_config)
+    # A reward-stage adapter trained on the same base goes onto the policy's weights (one base copy of the weights).
+    reward, reward_layout = place_reward(model, tokenizer)
+    reward_fn = TRLRewardFunction(reward, reward_name(cfg.reward_model))
     callbacks = []
     if cfg.controller:
         from rlhf_lm.controller import build_callback
@@ -159,7 +168,8 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
     # our PPO does, so samples come from the softmax the loss is computed on. The recipe's own choices win.
     cfg.generation_kwargs = {**without_config_fields(NEUTRAL_SAMPLING, cfg), **(cfg.generation_kwargs or {})}
     final_dir = cfg.output_dir
-    trainer_cls = with_atomic_checkpoints(trainer_cls)
+    # Checkpoints are written atomically, and no save writes a shared reward adapter as if it had been trained here.
+    trainer_cls = with_atomic_checkpoints(type(trainer_cls.__name__, (PolicyAdapterOnlySaves, trainer_cls), {}))
     with staged_output(final_dir, stage=stage, overwrite=cfg.overwrite_output_dir,
                        resume=cfg.resume_from_checkpoint) as out:
         cfg.output_dir = str(out)
@@ -182,7 +192,8 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(out)
             write_json(out / METRICS_FILE, {**metrics, "num_processes": trainer.accelerator.num_processes,
-                                            "data_report": report.as_dict(), "log_history": history,
+                                            "data_report": report.as_dict(), "reward_layout": reward_layout,
+                                            "log_history": history,
                                             "config": cfg.to_dict()})
     return metrics
 

@@ -1,4 +1,5 @@
-"""Stage ``ppo``: fine-tune a policy with PPO - LoRA policy + value head on one frozen base, reference = adapters off.
+"""Stage ``ppo``: fine-tune a policy with PPO - LoRA policy + value head on one frozen base, reference = adapters off,
+and a reward-stage LoRA reward model trained on that base as a second adapter on it (``share_reward_base``).
 
     rlhf-lm ppo --config recipes/builtin/ppo.yaml --reward_model runs/reward [--key value ...]
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m rlhf_lm ppo --config ...
@@ -39,6 +40,12 @@ class PPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Trainin
         metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
                           "'file.py:Name'."},
     )
+    share_reward_base: bool = field(
+        default=True,
+        metadata={"help": "A reward-stage LoRA reward model trained on the policy's own base checkpoint (same config "
+                          "and weights, same tokenizer) is loaded as a second adapter on the policy's base instead "
+                          "of a second copy of the weights. false: always load it as a separate model."},
+    )
     data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (PPO reads prompts only)."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N PPO iterations."})
     save_strategy: str = field(default="no", metadata={"help": "'steps' saves a resumable checkpoint every "
@@ -60,7 +67,7 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
 
     from rlhf_lm.data import load_prompt_data
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
-    from rlhf_lm.rewards import load_reward
+    from rlhf_lm.shared_reward import resolve_reward
 
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
@@ -68,7 +75,7 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
         raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
     check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
     resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-    reward = load_reward(cfg.reward_model)
+    place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
     train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
@@ -76,6 +83,8 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
     model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
                            allow_pickle_weights=cfg.allow_pickle_weights)
     model = get_peft_model(model, lora_config_from_args(cfg))
+    # A reward-stage adapter trained on the same base goes onto the policy's weights (one base copy of the weights).
+    reward, reward_layout = place_reward(model, tokenizer)
     callbacks = []
     if cfg.controller:
         from rlhf_lm.controller import build_callback
@@ -105,6 +114,7 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
                 "episodes": trainer.counters["episodes"],
                 "missing_eos": trainer.counters["missing_eos"],
                 "data_report": trainer.data_report.as_dict(),
+                "reward_layout": reward_layout,
                 "log_history": trainer.state.log_history,
                 "config": cfg.to_dict(),
             })
