@@ -560,6 +560,57 @@ def test_ppo_on_chat_prompts(pipeline_run, real_model_dir, data, judge, tmp_path
     assert again["eval/kl"] == pytest.approx(evals[0]["eval/kl"], abs=1e-5)
 
 
+def test_ppo_with_the_reward_adapter_on_the_policys_base(pipeline_run, real_model_dir, judge, tmp_path):
+    """The reward stage's LoRA adapter trained on SmolLM2, scored on the PPO policy's own SmolLM2 weights (one base
+    copy): the scores are the separate reward model's (pad = EOS and the chat template here), PPO trains the policy
+    adapter, and the reward adapter comes out bit-identical and is not saved with the policy."""
+    from peft import get_peft_model
+
+    from rlhf_lm.configs import ModelArguments
+    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
+    from rlhf_lm.ppo import PPOConfig, PPOTrainer
+    from rlhf_lm.rewards import FunctionReward
+    from rlhf_lm.shared_reward import SharedBaseReward, load_reward_for_policy
+
+    tokenizer = load_tokenizer(str(real_model_dir), padding_side="left")
+    torch.manual_seed(0)
+    policy = get_peft_model(load_causal_lm(str(real_model_dir), dtype="float32"),
+                            lora_config_from_args(ModelArguments(lora_r=4, lora_alpha=8)))
+    reward, layout = load_reward_for_policy(str(pipeline_run / "reward"), policy, tokenizer)
+    assert isinstance(reward, SharedBaseReward) and layout["shared_base"], layout
+
+    prompts = [user(q) for q, _, _ in EVAL_PAIRS] * 2
+    replies = [c for _, c, _ in EVAL_PAIRS] + [r for _, _, r in EVAL_PAIRS]
+    shared = reward(prompts, replies)
+    unmerged = ClassifierReward.from_pretrained(pipeline_run / "reward", merge=False, device="cpu")
+    assert torch.equal(shared, unmerged(prompts, replies))  # sharing itself changes no bit
+    # The default loader merges the adapter into its base, which rounds differently: ~1e-5 on scores of size ~1.
+    torch.testing.assert_close(shared, judge(prompts, replies), rtol=1e-5, atol=1e-5)
+    del unmerged
+
+    records: list[dict] = []
+
+    def recorded(prompts, completions):
+        scores = reward(prompts, completions)
+        records.extend({"prompt": p, "completion": c, "score": s} for p, c, s in zip(prompts, completions,
+                                                                                      scores.tolist()))
+        return scores
+
+    before = {n: p.detach().clone() for n, p in reward.adapter_parameters().items()}
+    args = PPOConfig(output_dir=str(tmp_path / "ppo"), **PPO, **{k: v for k, v in COMMON.items() if "lora" not in k})
+    trainer = PPOTrainer(policy, args, tokenizer, FunctionReward(recorded, batched=True, name="shared"),
+                         [user(q) for q in TRAIN_QUESTIONS])
+    trainer.train()
+    assert len(records) == 8
+    assert_clean_replies([r["completion"] for r in records])
+    assert_scored_as_in_training(records, judge)
+    after = reward.adapter_parameters()
+    assert all(torch.equal(before[n], after[n]) and after[n].grad is None for n in before)
+    trainer.save_model(tmp_path / "out")
+    assert not (tmp_path / "out" / "reward").exists()
+    assert_only_lora_trained(load_file(tmp_path / "out" / "adapter_model.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def checkpoint_with_sampling_settings(real_model_dir, tmp_path_factory) -> Path:
     """The real checkpoint with a generation_config.json that ships sampling settings, as Qwen2.5-Instruct's does

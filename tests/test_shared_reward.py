@@ -241,34 +241,48 @@ def test_ppo_stage_records_the_layout_and_the_model_card_says_it_was_shared(rewa
     assert "a separate model (share_reward_base: false)" in model_card(tmp_path / "separate", "me/ppo-run")
 
 
+UNMERGED = """from rlhf_lm.reward_model import ClassifierReward
+
+
+class Unmerged(ClassifierReward):
+    def __init__(self):
+        self.__dict__.update(vars(ClassifierReward.from_pretrained({path!r}, merge=False, device="cpu")))
+"""
+
+
 @pytest.mark.parametrize("name", ["grpo", "rloo"])
 def test_online_stages_share_the_reward_base_and_train_as_with_a_separate_one(name, reward_dir, tiny_task_dir,
                                                                               tmp_path):
-    """GRPO / RLOO through their reward-function wrapper: the logged rewards and losses match the separate
-    (merged) reward model's to float rounding, and checkpoints hold the policy adapter only."""
+    """GRPO / RLOO through their reward-function wrapper, same seed: the shared reward adapter and the separate
+    (unmerged) reward model give the same logged rewards, losses and grad norms, bit for bit; checkpoints and the
+    output hold the policy adapter only."""
     import importlib
 
     from rlhf_lm.configs import parse_config
 
     module = importlib.import_module(f"rlhf_lm.stages.{name}")
-    args = {"model_name_or_path": tiny_task_dir / "base_policy", "reward_model": reward_dir,
+    spec = tmp_path / "unmerged.py"
+    spec.write_text(UNMERGED.format(path=str(reward_dir)))
+    args = {"model_name_or_path": tiny_task_dir / "base_policy",
             "dataset_name": tiny_task_dir / "data" / "prompts_train.jsonl", "max_steps": 2,
             "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 12, "logging_steps": 1,
             "use_cpu": "true", "disable_tqdm": "true", "save_strategy": "steps", "save_steps": 1,
             "learning_rate": 3e-3, "lora_r": 4, "lora_alpha": 8, "seed": 0}
     runs = {}
-    for layout in ("shared", "separate"):
-        argv = {**args, "output_dir": tmp_path / layout, "share_reward_base": str(layout == "shared").lower()}
+    for layout, reward in (("shared", reward_dir), ("separate", f"{spec}:Unmerged")):
+        argv = {**args, "output_dir": tmp_path / layout, "reward_model": reward}
         module.run(parse_config(module.CONFIG, [part for k, v in argv.items() for part in (f"--{k}", str(v))]))
         runs[layout] = json.loads((tmp_path / layout / "metrics.json").read_text())
     assert runs["shared"]["reward_layout"]["shared_base"] and not runs["separate"]["reward_layout"]["shared_base"]
     steps = {k: [h for h in v["log_history"] if "reward" in h] for k, v in runs.items()}
     assert len(steps["shared"]) == 2
     for a, b in zip(steps["shared"], steps["separate"], strict=True):
-        for key in ("reward", "reward_std", "loss", "completions/mean_length"):
-            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        for key in ("reward", "reward_std", "loss", "grad_norm", "entropy", "completions/mean_length"):
+            assert a[key] == b[key], key
     assert not (tmp_path / "shared" / "reward").exists()
     checkpoint = tmp_path / "shared" / "checkpoint-1"
     assert (checkpoint / "adapter_model.safetensors").is_file() and not (checkpoint / "reward").exists()
     final = load_file(tmp_path / "shared" / "adapter_model.safetensors")
     assert final and not any("score" in k for k in final)
+    separate = load_file(tmp_path / "separate" / "adapter_model.safetensors")
+    assert final.keys() == separate.keys() and all(torch.equal(final[k], separate[k]) for k in final)
