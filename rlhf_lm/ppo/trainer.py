@@ -89,7 +89,8 @@ class PPOTrainer:
         model: a PEFT causal LM (LoRA adapter on a frozen base).
         args: a :class:`PPOConfig`.
         processing_class: the policy's tokenizer (it must have EOS and pad tokens).
-        reward_model: any :class:`~rlhf_lm.rewards.RewardModel`.
+        reward_model: any :class:`~rlhf_lm.rewards.RewardModel`; a
+            :class:`~rlhf_lm.shared_reward.SharedBaseReward` scores with a frozen adapter on ``model``'s own base.
         train_prompts: prompts (strings or message lists).
         eval_prompts: optional held-out prompts for :meth:`evaluate`.
         callbacks: TrainerCallbacks; each event's kwargs carry ``trainer=self`` (see :class:`PPOConfig`).
