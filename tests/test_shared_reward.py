@@ -216,6 +216,19 @@ def test_a_reward_model_that_cannot_share_is_loaded_separately_and_the_log_says_
     assert "reward" not in getattr(policy, "peft_config", {})  # nothing was attached
 
 
+def test_a_reward_adapter_without_its_base_fails_before_the_policy_loads(reward_dir, tmp_path):
+    from rlhf_lm.errors import ArtifactError
+    from rlhf_lm.shared_reward import resolve_reward
+
+    moved = Path(shutil.copytree(reward_dir, tmp_path / "reward"))
+    config = json.loads((moved / "adapter_config.json").read_text())
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
+    metrics = json.loads((moved / "metrics.json").read_text())
+    (moved / "metrics.json").write_text(json.dumps({**metrics, "base_model_relative": None}))
+    with pytest.raises(ArtifactError, match="Cannot find the base model"):
+        resolve_reward(str(moved))
+
+
 # ------------------------------------------------------------------------------------------ stages, card
 def test_ppo_stage_records_the_layout_and_the_model_card_says_it_was_shared(reward_dir, tiny_task_dir, tmp_path):
     from rlhf_lm.hub import files_to_push, model_card
