@@ -10,7 +10,8 @@ Two launches that look distributed and are not, both verified with accelerate 1.
   group, and accelerate drops the FSDP request: plain DDP, unsharded.
 
 Either way the user would pay for N processes' worth of setup and get one unsharded run per process, each writing
-the same output directory. :func:`check_launch` turns both into one clear error.
+the same output directory. :func:`check_launch` turns both into one clear error that names what to change - except
+FSDP2 (``fsdp_version: 2``) on CPU ranks, which the stages make real themselves (:mod:`rlhf_lm.fsdp`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import os
 from pathlib import Path
 
 from rlhf_lm.errors import ConfigError
+from rlhf_lm.fsdp import requested_fsdp_version
 
-FIX = ("For several CPU processes use --config_file accelerate_configs/multi_cpu.yaml (one gloo group); FSDP and "
-       "DeepSpeed need GPUs.")
+FIX = ("For several CPU processes use --config_file accelerate_configs/multi_cpu.yaml (DDP, one gloo group) or "
+       "accelerate_configs/fsdp_cpu.yaml (FSDP2); DeepSpeed needs GPUs.")
 
 
 def launcher_num_processes(ppid: int | None = None) -> int | None:
@@ -56,8 +58,16 @@ def check_launch(num_processes: int, distributed_type: str, environ: dict[str, s
                           f"(num_processes {num_processes}, {distributed_type}): they would train {world} separate "
                           f"copies. {FIX}")
     if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and "FSDP" not in distributed_type:
-        raise ConfigError(f"The launch asked for FSDP but the processes run as {distributed_type} (accelerate "
-                          f"ignores FSDP with use_cpu: true), unsharded. {FIX}")
+        if "MULTI_CPU" in distributed_type and requested_fsdp_version(environ) == 2:
+            pass  # CPU ranks of one gloo group: the stages turn FSDP2 on themselves (rlhf_lm.fsdp)
+        elif "MULTI_CPU" in distributed_type:
+            raise ConfigError(f"The launch asked for FSDP version {requested_fsdp_version(environ)} on CPU, which "
+                              "rlhf-lm cannot shard there (accelerate would run it as unsharded DDP). Set "
+                              "fsdp_config.fsdp_version: 2 in the accelerate config (accelerate_configs/fsdp_cpu.yaml "
+                              "has it).")
+        else:
+            raise ConfigError(f"The launch asked for FSDP but the processes run as {distributed_type}, unsharded. "
+                              f"{FIX}")
     if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and "DEEPSPEED" not in distributed_type:
         raise ConfigError(f"The launch asked for DeepSpeed but the processes run as {distributed_type}. {FIX}")
     requested = launcher_num_processes() if requested is None else requested

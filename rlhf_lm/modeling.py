@@ -7,6 +7,7 @@ exactly as it would load a Hub model. Nothing here touches the network.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterable
@@ -178,13 +179,19 @@ def ensure_special_tokens(tok: PreTrainedTokenizerBase, source: str = "tokenizer
 
 
 def _from_pretrained(auto_cls, path: str, what: str, dtype="auto", trust_remote_code=False,
-                     allow_pickle_weights=False, **kwargs) -> PreTrainedModel:
+                     allow_pickle_weights=False, sharded_by_trainer: bool = False, **kwargs) -> PreTrainedModel:
+    from rlhf_lm.fsdp import full_weights_on_every_rank
+
     _check_source(path, what)
+    # Under FSDP with cpu_ram_efficient_loading only the model the trainer shards may load empty on the other ranks
+    # (accelerate broadcasts rank 0's weights into it); any other model must hold its weights everywhere.
+    loading = contextlib.nullcontext() if sharded_by_trainer else full_weights_on_every_rank()
     try:
-        return auto_cls.from_pretrained(
-            path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=None if allow_pickle_weights else True, **kwargs,
-        )
+        with loading:
+            return auto_cls.from_pretrained(
+                path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle_weights else True, **kwargs,
+            )
     except OSError as e:
         hint = (" Only safetensors weights load by default; set allow_pickle_weights: true to allow .bin files."
                 if not allow_pickle_weights and "safetensors" in str(e).lower() else "")
@@ -192,7 +199,8 @@ def _from_pretrained(auto_cls, path: str, what: str, dtype="auto", trust_remote_
 
 
 def load_causal_lm(path: str, dtype="auto", trust_remote_code=False, allow_pickle_weights=False, **kw):
-    """Load a causal LM (policy / reference backbone). Safetensors only unless ``allow_pickle_weights``."""
+    """Load a causal LM (policy / reference backbone). Safetensors only unless ``allow_pickle_weights``.
+    ``sharded_by_trainer=True``: the model a Trainer will shard under FSDP (it may load empty on other ranks)."""
     return _from_pretrained(AutoModelForCausalLM, path, "Policy model", dtype, trust_remote_code,
                             allow_pickle_weights, **kw)
 
