@@ -57,6 +57,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
+from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded, sync_generation
 from rlhf_lm.modeling import (
     count_parameters,
     load_causal_lm,
@@ -335,9 +336,9 @@ def _truncate_prompts(ds: Dataset, max_length: int, room, prompt_len, report: Da
     return ds if not no_room.any() else ds.select(np.flatnonzero(~no_room))
 
 
-class DPOTrainer(AtomicCheckpoints, LengthGroupedBatches, trl.DPOTrainer):
+class DPOTrainer(ShardedOnCPU, AtomicCheckpoints, LengthGroupedBatches, trl.DPOTrainer):
     """TRL's DPOTrainer, taking data already tokenized by :func:`tokenize_pairs` as it is, with length-grouped
-    batches (:class:`rlhf_lm.speed.LengthGroupedBatches`).
+    batches (:class:`rlhf_lm.speed.LengthGroupedBatches`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`).
 
     Checkpoints are written atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`). TRL 1.16 re-runs its per-row
     tokenization on every dataset it is given; this skips that work when the token columns are already there (and
@@ -449,7 +450,7 @@ def load_policy(cfg: DPOStageConfig):
     """(policy, ref_model, peft_config) as DPOTrainer wants them for LoRA, LoRA-on-SFT, or a full fine-tune."""
     kwargs = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                   allow_pickle_weights=cfg.allow_pickle_weights)
-    policy = load_causal_lm(cfg.model_name_or_path, **kwargs, **quantization_kwargs(cfg))
+    policy = load_causal_lm(cfg.model_name_or_path, **kwargs, sharded_by_trainer=True, **quantization_kwargs(cfg))
     if cfg.sft_adapter_path:
         from peft import PeftModel
 
@@ -540,14 +541,17 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
                                      "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
                                      "train/steps": float(trainer.state.global_step),
                                      "train/trainable_params": float(trainable)}
-        if state.is_main_process:
+        # Under FSDP the policy is sharded: saving gathers it and every forward (generation included) is collective,
+        # so every rank takes part in both, on the same prompts with the same seed; only the main process writes.
+        every_rank = is_sharded(trainer.model)
+        if state.is_main_process or every_rank:
             save_artifact(cfg, trainer, tokenizer, stage)
         try:
             if trainer.eval_dataset is not None:
                 from rlhf_lm.evaluation import preference_accuracy
 
                 metrics.update(preference_accuracy(trainer))  # collective under DDP: every rank takes part
-            if state.is_main_process:
+            if state.is_main_process or every_rank:
                 metrics.update(evaluate_against_reference(cfg, trainer, tokenizer, stage, prompts, judge))
         except Exception as e:  # the trained policy is saved: keep it, report the evaluation's failure after
             eval_error = e
@@ -615,10 +619,15 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
         reference = trainer.ref_model or load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path,
                                                          dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                                          allow_pickle_weights=cfg.allow_pickle_weights)
-        reference = trainer.accelerator.unwrap_model(reference).to(trainer.args.device)
+        reference = trainer.accelerator.unwrap_model(reference)
+        if is_sharded(reference):
+            sync_generation(reference)
+        else:
+            reference = reference.to(trainer.args.device)
     gold = cfg.eval_gold if cfg.eval_gold is not None else task_root(cfg.dataset_name) is not None
     metrics = evaluate_policy(policy, tokenizer, prompts, reward, reference=reference, gold=gold,
-                              samples_path=stage / "samples.jsonl", max_new_tokens=cfg.eval_max_new_tokens,
+                              samples_path=stage / "samples.jsonl" if trainer.accelerator.is_main_process else None,
+                              max_new_tokens=cfg.eval_max_new_tokens,
                               temperature=cfg.eval_temperature, seed=cfg.seed,
                               batch_size=max(cfg.per_device_eval_batch_size, 64))
     logger.info("DPO policy vs reference: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -626,10 +635,16 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
 
 
 def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
-    """The trained policy (adapter or full model) and its tokenizer."""
+    """The trained policy (adapter or full model) and its tokenizer. Called by every rank when the policy is
+    sharded (gathering it is collective); only the main process writes."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if cfg.use_peft:
-        model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True)  # not TRL's "ref" copy
+    state_dict = full_state_dict(model) if is_sharded(model) else None
+    if not trainer.accelerator.is_main_process:
+        return
+    if cfg.use_peft:  # only the trained adapter, not TRL's "ref" copy of an SFT adapter
+        model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict)
+    elif state_dict is not None:
+        model.save_pretrained(stage, state_dict=state_dict, safe_serialization=True)
     else:
         trainer.save_model(str(stage))
     tokenizer.save_pretrained(stage)

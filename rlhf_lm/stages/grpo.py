@@ -32,6 +32,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.errors import ConfigError, DataError
+from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded
 from rlhf_lm.rewards import RewardModel, check_rewards
 from rlhf_lm.sampling import NEUTRAL_SAMPLING
 
@@ -118,8 +119,9 @@ CONFIG = GRPOStageConfig
 
 
 def with_atomic_checkpoints(trainer_cls: type) -> type:
-    """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`)."""
-    return type(trainer_cls.__name__, (AtomicCheckpoints, trainer_cls), {})
+    """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`), with FSDP2
+    on CPU ranks (:class:`rlhf_lm.fsdp.ShardedOnCPU`)."""
+    return type(trainer_cls.__name__, (ShardedOnCPU, AtomicCheckpoints, trainer_cls), {})
 
 
 def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
@@ -147,7 +149,7 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
     logger.info(report.summary())
     set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
     model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
-                           allow_pickle_weights=cfg.allow_pickle_weights)
+                           allow_pickle_weights=cfg.allow_pickle_weights, sharded_by_trainer=True)
     peft_config = lora_config_from_args(cfg)
     if peft_config is not None:
         # Wrapped here rather than via peft_config=: TRL then sees a PeftModel and, with beta > 0, uses the
@@ -180,7 +182,7 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
             start = time.perf_counter()
             result = trainer.train(resume_from_checkpoint=resume or None)
             runtime = time.perf_counter() - start
-            trainer.save_model(str(out))
+            save_policy(trainer, out)
         finally:
             cfg.output_dir = final_dir
         history = trainer.state.log_history
@@ -196,6 +198,18 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
                                             "log_history": history,
                                             "config": cfg.to_dict()})
     return metrics
+
+
+def save_policy(trainer, out) -> None:
+    """The trained adapter (or full model). Under FSDP every rank gathers it and the main process writes it whatever
+    the launch's fsdp_state_dict_type (transformers' save_model writes nothing for SHARDED_STATE_DICT)."""
+    if not is_sharded(trainer.model):
+        trainer.save_model(str(out))
+        return
+    state_dict = full_state_dict(trainer.model)
+    if trainer.accelerator.is_main_process:
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out, state_dict=state_dict,
+                                                                          safe_serialization=True)
 
 
 def run(cfg: GRPOStageConfig) -> dict[str, float]:

@@ -46,6 +46,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
+from rlhf_lm.fsdp import ShardedOnCPU, fsdp_requested, full_state_dict, is_sharded
 from rlhf_lm.modeling import (
     count_parameters,
     ensure_special_tokens,
@@ -104,9 +105,9 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
 CONFIG = RewardStageConfig
 
 
-class RewardTrainer(AtomicCheckpoints, LengthGroupedBatches, trl.RewardTrainer):
-    """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`) and atomic
-    checkpoints (:class:`rlhf_lm.artifacts.AtomicCheckpoints`)."""
+class RewardTrainer(ShardedOnCPU, AtomicCheckpoints, LengthGroupedBatches, trl.RewardTrainer):
+    """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`), atomic
+    checkpoints (:class:`rlhf_lm.artifacts.AtomicCheckpoints`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`)."""
 
 
 def task_root(dataset_name: str | None) -> Path | None:
@@ -203,6 +204,9 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
     if not cfg.model_name_or_path:
         raise ConfigError("Set model_name_or_path: the reward backbone (a causal LM / encoder directory or Hub id).")
     state = PartialState()
+    if cfg.merge_adapter and fsdp_requested():
+        raise ConfigError("merge_adapter: true is not supported under FSDP: a sharded model cannot be merged in "
+                          "place. Remove merge_adapter from the recipe and merge the saved adapter in one process.")
     check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
     resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     tokenizer = load_reward_tokenizer(cfg)
@@ -211,7 +215,8 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
     set_seed(cfg.seed)  # the fresh score head is random: seed it
     with suppress_seqcls_warning():  # "score.weight newly initialised" is the point, not a problem
         model = load_sequence_classifier(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                         allow_pickle_weights=cfg.allow_pickle_weights, **quantization_kwargs(cfg))
+                                         allow_pickle_weights=cfg.allow_pickle_weights, sharded_by_trainer=True,
+                                         **quantization_kwargs(cfg))
     head = _head_name(model)
 
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -266,7 +271,10 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
         metrics: dict[str, float] = {"train/loss": result.training_loss,
                                      "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
                                      "train/trainable_params": float(trainable)}
-        if state.is_main_process:
+        # Under FSDP the model is sharded: saving gathers it and every forward is collective, so every rank takes
+        # part in both (the same texts on each, so they stay in step); only the main process writes.
+        sharded = is_sharded(trainer.model)
+        if state.is_main_process or sharded:
             save_reward_model(cfg, trainer, tokenizer, head, stage, peft_config is not None)
             try:
                 extra = measure(cfg, trainer, tokenizer, train, eval_ds)
@@ -274,6 +282,7 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
             except Exception as e:  # the trained model is saved: keep it, report the failure after
                 measure_error, extra = e, {}
                 logger.debug("Measuring the reward model failed.", exc_info=True)
+        if state.is_main_process:
             write_metrics(cfg, trainer, stage, metrics, extra, report, eval_report, peft_config is not None,
                           measure_error)
         state.wait_for_everyone()
@@ -286,12 +295,19 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
 
 
 def save_reward_model(cfg, trainer, tokenizer, head: str, stage: Path, is_peft: bool) -> None:
-    """The trained reward model (adapter with its head, or the merged / full model) and tokenizer, first of all."""
+    """The trained reward model (adapter with its head, or the merged / full model) and tokenizer, first of all.
+    Called by every rank when the model is sharded (gathering it is collective); only the main process writes."""
     model = trainer.model
-    if is_peft and cfg.merge_adapter:
-        model = model.merge_and_unload()
-        trainer.model = model
-    model.save_pretrained(stage, safe_serialization=True)
+    if is_sharded(model):
+        state_dict = full_state_dict(model)
+        if not trainer.accelerator.is_main_process:
+            return
+        model.save_pretrained(stage, state_dict=state_dict, safe_serialization=True)
+    else:
+        if is_peft and cfg.merge_adapter:
+            model = model.merge_and_unload()
+            trainer.model = model
+        model.save_pretrained(stage, safe_serialization=True)
     tokenizer.save_pretrained(stage)
     if is_peft and not cfg.merge_adapter:
         _check_head_saved(stage, head)
