@@ -85,3 +85,12 @@ class PolicyWithValueHead(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def set_requires_gradient_sync(self, requires: bool) -> None:
+        """Under FSDP2 (see rlhf_lm.ppo.sharding) accelerate's ``no_sync`` calls this while micro-batches accumulate:
+        the wrapper is no FSDP unit itself, so it switches the gradient reduce-scatter of every unit inside."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.modules():
+            if isinstance(module, FSDPModule):
+                module.set_requires_gradient_sync(requires, recurse=False)

@@ -35,6 +35,7 @@ from rlhf_lm.artifacts import publish_checkpoint, staging_checkpoint_dir
 from rlhf_lm.data import DataReport
 from rlhf_lm.errors import ArtifactError, DataError
 from rlhf_lm.evaluation import kl_per_token
+from rlhf_lm.fsdp import full_state_dict, make_fsdp_real, unsharded
 from rlhf_lm.ppo.config import PPOConfig
 from rlhf_lm.ppo.core import (
     AdaptiveKLController,
@@ -50,6 +51,12 @@ from rlhf_lm.ppo.core import (
 )
 from rlhf_lm.ppo.model import VALUE_HEAD_FILE, PolicyWithValueHead, disable_dropout
 from rlhf_lm.ppo.rollout import Rollout, collect_rollout, token_logprobs_and_entropy
+from rlhf_lm.ppo.sharding import (
+    has_sharded_state,
+    load_sharded_state,
+    save_sharded_state,
+    shard_policy_and_value_head,
+)
 from rlhf_lm.rewards import RewardModel
 from rlhf_lm.sampling import Prompt, encode_prompts, seeded
 
@@ -124,6 +131,13 @@ class PPOTrainer:
         # tokens clipped). TRL's PPO switched dropout off in every model too.
         disable_dropout(model)
         model = PolicyWithValueHead(model)
+        # Under FSDP (on GPUs, or on CPU ranks once make_fsdp_real switched it on) the model is sharded here, not by
+        # accelerator.prepare: see rlhf_lm.ppo.sharding for why. The optimizer is then built on the shards.
+        self.sharded = make_fsdp_real(self.accelerator)
+        if self.sharded:
+            plugin = self.accelerator.state.fsdp_plugin
+            shard_policy_and_value_head(model, plugin)
+            self._full_state_dict = "FULL_STATE_DICT" in str(plugin.state_dict_type)
         self.optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=args.learning_rate,
                                            betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                            weight_decay=args.weight_decay)
@@ -137,7 +151,10 @@ class PPOTrainer:
                                           num_warmup_steps=args.get_warmup_steps(updates),
                                           num_training_steps=updates,
                                           scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
-        self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        if self.sharded:
+            self.model, self.optimizer = model, self.accelerator.prepare_optimizer(self.optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.unwrapped: PolicyWithValueHead = self.accelerator.unwrap_model(self.model)
 
         self.kl_ctl = (AdaptiveKLController(args.kl_coef, args.kl_target, args.kl_horizon) if args.adaptive_kl
@@ -264,8 +281,8 @@ class PPOTrainer:
                             self.control = self.callback_handler.on_pre_optimizer_step(
                                 args, self.state, self.control, trainer=self)
                             if args.max_grad_norm:
-                                stats["ppo/grad_norm"].append(
-                                    acc.clip_grad_norm_(self.unwrapped.trainable_parameters(), args.max_grad_norm))
+                                norm = acc.clip_grad_norm_(self.unwrapped.trainable_parameters(), args.max_grad_norm)
+                                stats["ppo/grad_norm"].append(unsharded(norm))  # a DTensor under FSDP
                         self.optimizer.step()
                         if acc.sync_gradients:
                             self.control = self.callback_handler.on_optimizer_step(
@@ -353,16 +370,18 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------------- saving
     def save_model(self, output_dir: str | Path) -> None:
-        """Save the adapter (``save_pretrained``), the value head and the tokenizer (main process only)."""
+        """Save the adapter (``save_pretrained``), the value head and the tokenizer: a plain adapter directory that
+        loads in one process. Under FSDP every rank gathers the weights; only the main process writes."""
         self.accelerator.wait_for_everyone()
+        policy, value_head = self.unwrapped.policy, self.unwrapped.value_head
+        policy_state = full_state_dict(policy) if self.sharded else None
+        head_state = full_state_dict(value_head) if self.sharded else value_head.state_dict()
         if self.accelerator.is_main_process:
             output_dir = Path(output_dir)
             # The active (policy) adapter only: a reward adapter sharing the base (rlhf_lm.shared_reward) is frozen
             # and reloaded from its own artifact; PEFT would otherwise save it too, as if this run had trained it.
-            policy = self.unwrapped.policy
-            policy.save_pretrained(output_dir, selected_adapters=[policy.active_adapter])
-            save_file({k: v.contiguous() for k, v in self.unwrapped.value_head.state_dict().items()},
-                      output_dir / VALUE_HEAD_FILE)
+            policy.save_pretrained(output_dir, selected_adapters=[policy.active_adapter], state_dict=policy_state)
+            save_file({k: v.contiguous() for k, v in head_state.items()}, output_dir / VALUE_HEAD_FILE)
             self.tokenizer.save_pretrained(output_dir)
 
     def save_checkpoint(self) -> Path:
@@ -370,10 +389,16 @@ class PPOTrainer:
         staging name, renamed when every process has written its part, so a kill mid-save leaves no torn checkpoint."""
         ckpt = staging_checkpoint_dir(self.args.output_dir, self.state.global_step)
         self.save_model(ckpt)
+        ppo_state = {"lr_scheduler": self.lr_scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                     "score_moments": self.score_moments.state_dict(), "counters": dict(self.counters)}
+        if self.sharded:  # the optimizer (and the trainable weights) as each rank's shards, or gathered
+            ckpt.mkdir(parents=True, exist_ok=True)
+            save_sharded_state(self.unwrapped, self.optimizer, ckpt, full=self._full_state_dict,
+                               is_main=self.accelerator.is_main_process)
+        else:
+            ppo_state["optimizer"] = self.optimizer.state_dict()
         if self.accelerator.is_main_process:
-            torch.save({"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                        "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict(),
-                        "counters": dict(self.counters)}, ckpt / PPO_STATE)
+            torch.save(ppo_state, ckpt / PPO_STATE)
             self.state.save_to_json(str(ckpt / TRAINER_STATE))
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -404,11 +429,18 @@ class PPOTrainer:
                    if not (ckpt / f).is_file()]
         if missing:
             raise ArtifactError(f"Checkpoint {ckpt} is incomplete (missing {missing}); resume from an earlier one.")
-        set_peft_model_state_dict(self.unwrapped.policy, load_file(ckpt / "adapter_model.safetensors"),
-                                  adapter_name=self.unwrapped.policy.active_adapter)
-        self.unwrapped.value_head.load_state_dict(load_file(ckpt / VALUE_HEAD_FILE))
         saved = torch.load(ckpt / PPO_STATE, weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if has_sharded_state(ckpt) != self.sharded:
+            kind = "an FSDP" if has_sharded_state(ckpt) else "a non-FSDP"
+            raise ArtifactError(f"Checkpoint {ckpt} was written by {kind} run; resume it with {kind} launch (the "
+                                "optimizer state is stored differently).")
+        if self.sharded:
+            load_sharded_state(self.unwrapped, self.optimizer, ckpt)
+        else:
+            set_peft_model_state_dict(self.unwrapped.policy, load_file(ckpt / "adapter_model.safetensors"),
+                                      adapter_name=self.unwrapped.policy.active_adapter)
+            self.unwrapped.value_head.load_state_dict(load_file(ckpt / VALUE_HEAD_FILE))
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
         self.kl_ctl.load_state_dict(saved["kl_ctl"])
         self.score_moments.load_state_dict(saved["score_moments"])
