@@ -12,8 +12,9 @@ Trainer and TRL take exactly the code paths a GPU run takes (``fsdp2_prepare_mod
 
 What a sharded run must do differently, wherever the model is used outside the trainer's own step:
 
-* every rank takes part in every forward, generation included: ``generate`` must keep all ranks stepping until the
-  last one is done (:func:`sync_generation`);
+* every rank takes part in every forward, generation included (each decoding step all-gathers the weights). A rank
+  whose samples all ended keeps stepping until the others are done: torch marks every module ``fully_shard``
+  manages (``_is_fsdp_managed_module``) and transformers' ``generate`` turns ``synced_gpus`` on for such modules;
 * auxiliary models (reward model, judge, reference) must hold real weights on every rank
   (:func:`full_weights_on_every_rank`): with ``fsdp_cpu_ram_efficient_loading`` transformers loads empty weights on
   all ranks but the first, which is only right for the model accelerate will shard and broadcast;
@@ -81,13 +82,13 @@ def make_fsdp_real(accelerator, plugin_args: dict | None = None) -> bool:
 
 class ShardedOnCPU:
     """Trainer mixin: the accelerator a transformers/TRL Trainer creates runs FSDP on CPU ranks when the launch asked
-    for it (see :func:`make_fsdp_real`), and generation keeps the ranks in step (:func:`sync_generation`)."""
+    for it (see :func:`make_fsdp_real`). The Trainer reads ``is_fsdp_enabled`` from then on: it prepares the model
+    with FSDP2 and saves sharded or full checkpoints as on GPUs."""
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         if make_fsdp_real(self.accelerator, self.args.fsdp_plugin_args):
             self.is_fsdp_enabled = True
-            sync_generation(self.model)
 
 
 def is_sharded_run() -> bool:
@@ -98,19 +99,6 @@ def is_sharded_run() -> bool:
     if fsdp_requested() and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         return True
     return PartialState._shared_state.get("distributed_type") == DistributedType.FSDP
-
-
-def sync_generation(model: torch.nn.Module) -> None:
-    """Make ``generate`` keep every rank stepping until all ranks are done (``synced_gpus``).
-
-    Under FSDP each decoding step all-gathers the parameters, a collective: a rank whose samples all hit EOS first
-    would stop calling it and the others would wait forever. transformers turns ``synced_gpus`` on by itself only for
-    DeepSpeed ZeRO-3 and for modules it sharded itself (the ``_is_fsdp_managed_module`` flag its ``apply_fsdp2``
-    sets); accelerate's and our ``fully_shard`` do not set it, so it is set here on every transformers model inside.
-    """
-    for module in model.modules():
-        if hasattr(module, "generate") and hasattr(module, "generation_config"):
-            module._is_fsdp_managed_module = True
 
 
 @contextlib.contextmanager
@@ -155,4 +143,32 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied weights (embeddings = LM head) come back as separate copies; share them again, so save_pretrained
+    # recognises the tie and writes the file a one-process run writes.
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        first = first_name.setdefault(id(tensor), name)
+        if first != name and first in state and name in state:
+            state[name] = state[first]
+    return state
+
+
+def state_bytes_per_rank(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, float]:
+    """Bytes of parameters and of optimizer state held by one rank - a DTensor counts its local shard only - as the
+    largest over ranks (collective when a process group is up). What FSDP saves per rank, measured from the tensors
+    themselves rather than from allocator statistics, which CPU runs do not have."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    def local_bytes(tensor: torch.Tensor) -> int:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        return local.numel() * local.element_size()
+
+    params = sum(local_bytes(p) for p in model.parameters())
+    states = [v for s in (optimizer.state.values() if optimizer is not None else []) for v in s.values()]
+    optim = sum(local_bytes(v) for v in states if isinstance(v, torch.Tensor) and v.dim() > 0)  # not Adam's step
+    sizes = torch.tensor([float(params), float(optim)], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
+    return {"memory/param_bytes_per_rank": sizes[0].item(), "memory/optimizer_bytes_per_rank": sizes[1].item()}

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from rlhf_lm.errors import ArtifactError, ConfigError
-from rlhf_lm.fsdp import sync_generation
 from rlhf_lm.ppo.model import PolicyWithValueHead
 
 SHARDED_DIR = "sharded_state"  # DCP folder of a SHARDED_STATE_DICT checkpoint: one file per rank
@@ -50,7 +49,6 @@ def shard_policy_and_value_head(model: PolicyWithValueHead, plugin) -> None:
         fully_shard(layer, **kwargs)
     fully_shard(lm, **kwargs)
     fully_shard(model.value_head, **kwargs)
-    sync_generation(lm)
 
 
 def _options(full: bool):

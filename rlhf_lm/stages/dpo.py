@@ -18,6 +18,10 @@ At the end the policy is evaluated against its reference: TRL's implicit-reward 
 pairs, and - on held-out prompts - win-rate, reward, KL and samples (:mod:`rlhf_lm.evaluation`).
 
 The output directory holds the adapter (or the full model), the tokenizer, ``samples.jsonl`` and ``metrics.json``.
+
+Engines (docs/distributed.md): one process, DDP and FSDP2, LoRA and full fine-tune - under FSDP2 the artifact is
+gathered from the shards and the closing evaluation samples on every rank in step. Run in 2 CPU processes in CI
+(tests/test_distributed.py, tests/test_fsdp.py); DeepSpeed and GPUs: config only, not run.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
-from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded, sync_generation
+from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded, state_bytes_per_rank
 from rlhf_lm.modeling import (
     count_parameters,
     load_causal_lm,
@@ -540,7 +544,8 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
         metrics: dict[str, float] = {"train/loss": result.training_loss,
                                      "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
                                      "train/steps": float(trainer.state.global_step),
-                                     "train/trainable_params": float(trainable)}
+                                     "train/trainable_params": float(trainable),
+                                     **state_bytes_per_rank(trainer.model, trainer.optimizer)}
         # Under FSDP the policy is sharded: saving gathers it and every forward (generation included) is collective,
         # so every rank takes part in both, on the same prompts with the same seed; only the main process writes.
         every_rank = is_sharded(trainer.model)
@@ -620,9 +625,7 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
                                                          dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                                          allow_pickle_weights=cfg.allow_pickle_weights)
         reference = trainer.accelerator.unwrap_model(reference)
-        if is_sharded(reference):
-            sync_generation(reference)
-        else:
+        if not is_sharded(reference):  # TRL shards a reference it keeps under FSDP: it stays where it is
             reference = reference.to(trainer.args.device)
     gold = cfg.eval_gold if cfg.eval_gold is not None else task_root(cfg.dataset_name) is not None
     metrics = evaluate_policy(policy, tokenizer, prompts, reward, reference=reference, gold=gold,
