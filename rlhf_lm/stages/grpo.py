@@ -6,6 +6,9 @@ TRL does the algorithm; this stage adds what it lacks for our recipes: the same 
 reward-stage directory, ``pkg.mod:Name``, ``file.py:Name``) wrapped as TRL reward functions with a NaN / shape check
 that names the reward, counted prompt-length filtering, and the stage contract (adapter + tokenizer + metrics.json
 in ``output_dir``, written via ``staged_output``). ``rloo`` reuses all of it with TRL's RLOOTrainer.
+
+Engines (docs/distributed.md): one process, DDP and FSDP2 (TRL generates from the shards; the adapter is gathered for
+saving). Run in 2 CPU processes in CI (tests/test_fsdp.py); DeepSpeed and GPUs: config only, not run.
 """
 
 from __future__ import annotations
@@ -194,6 +197,7 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(out)
             write_json(out / METRICS_FILE, {**metrics, "num_processes": trainer.accelerator.num_processes,
+                                            "distributed_type": str(trainer.accelerator.distributed_type),
                                             "data_report": report.as_dict(), "reward_layout": reward_layout,
                                             "log_history": history,
                                             "config": cfg.to_dict()})

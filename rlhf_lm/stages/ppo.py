@@ -7,6 +7,11 @@ and a reward-stage LoRA reward model trained on that base as a second adapter on
 Writes to ``output_dir``: the LoRA adapter (``adapter_model.safetensors``), the value head, the tokenizer and
 ``metrics.json`` (final metrics, data report, config, log history). Interrupted runs resume with
 ``--resume_from_checkpoint true`` (the newest complete checkpoint of ``<output_dir>.partial``) or a checkpoint path.
+
+Engines (docs/distributed.md): one process, DDP and FSDP2 - under FSDP2 the loop shards policy and value head itself
+(:mod:`rlhf_lm.ppo.sharding`), rollouts generate from the shards, checkpoints hold sharded or gathered state per
+``fsdp_state_dict_type``. Run in 2 CPU processes in CI (tests/test_distributed.py, tests/test_fsdp.py); GPUs: not
+run. DeepSpeed: never run; ZeRO-3 would need the weights gathered around generation, which this loop does not do.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.errors import ConfigError
+from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 
 logger = logging.getLogger(__name__)
@@ -105,12 +111,15 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
             final = trainer.train(resume_from_checkpoint=resume)
             final["train_runtime"] = time.perf_counter() - start
             trainer.save_model(out)
+            memory = state_bytes_per_rank(trainer.unwrapped, trainer.optimizer)
         finally:
             cfg.output_dir = final_dir
         if trainer.accelerator.is_main_process:
             write_json(out / METRICS_FILE, {
                 **final,
                 "num_processes": trainer.accelerator.num_processes,
+                "distributed_type": str(trainer.accelerator.distributed_type),
+                **memory,
                 "episodes": trainer.counters["episodes"],
                 "missing_eos": trainer.counters["missing_eos"],
                 "data_report": trainer.data_report.as_dict(),

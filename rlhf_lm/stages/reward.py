@@ -11,6 +11,11 @@ The output directory holds the adapter (or the full / merged model), the tokeniz
 metrics (accuracy, margin, ECE, length bias; gold accuracy on the built-in task), the reward mean/std over the
 training responses (``reward_mean`` / ``reward_std``, for normalising downstream), the data report and the config.
 ``rlhf_lm.reward_model.ClassifierReward.from_pretrained(output_dir)`` loads it back as a RewardModel.
+
+Engines (docs/distributed.md): one process, DDP and FSDP2 - under FSDP2 every rank gathers the adapter with its
+score head for the main process to write, and the closing measurement runs on every rank. Run in 2 CPU processes in
+CI (tests/test_distributed.py, tests/test_fsdp.py); DeepSpeed and GPUs: config only, not run. ``merge_adapter`` is
+refused under FSDP.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
-from rlhf_lm.fsdp import ShardedOnCPU, fsdp_requested, full_state_dict, is_sharded
+from rlhf_lm.fsdp import ShardedOnCPU, fsdp_requested, full_state_dict, is_sharded, state_bytes_per_rank
 from rlhf_lm.modeling import (
     count_parameters,
     ensure_special_tokens,
@@ -270,7 +275,8 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
 
         metrics: dict[str, float] = {"train/loss": result.training_loss,
                                      "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
-                                     "train/trainable_params": float(trainable)}
+                                     "train/trainable_params": float(trainable),
+                                     **state_bytes_per_rank(trainer.model, trainer.optimizer)}
         # Under FSDP the model is sharded: saving gathers it and every forward is collective, so every rank takes
         # part in both (the same texts on each, so they stay in step); only the main process writes.
         sharded = is_sharded(trainer.model)
