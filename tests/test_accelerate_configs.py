@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from accelerate.utils import DistributedType
@@ -22,6 +23,8 @@ EXPECTED = {
     "fsdp.yaml": (DistributedType.FSDP, "use_fsdp", "bf16", False),
     # torchrun-style launch (one process per rank) with use_cpu: see the comment in the file and test_distributed.py
     "multi_cpu.yaml": (DistributedType.MULTI_GPU, "multi_gpu", "no", True),
+    # FSDP2 on CPU ranks: accelerate alone would run it as DDP; rlhf_lm.fsdp makes it real (tests/test_fsdp.py)
+    "fsdp_cpu.yaml": (DistributedType.FSDP, "use_fsdp", "no", True),
 }
 
 
@@ -48,6 +51,12 @@ def test_config_loads_and_launcher_accepts_it(name):
     if dist_type == DistributedType.FSDP:
         assert defaults.fsdp_config["fsdp_version"] == 2  # FSDP2 (fully_shard)
         assert args.fsdp_auto_wrap_policy == "TRANSFORMER_BASED_WRAP"
+
+
+def test_the_cpu_fsdp_config_shards_like_the_gpu_one():
+    """CI trains with fsdp_cpu.yaml: its FSDP settings must be the ones GPU users launch with (fsdp.yaml)."""
+    gpu, cpu = (yaml.safe_load((CONFIGS / name).read_text()) for name in ("fsdp.yaml", "fsdp_cpu.yaml"))
+    assert cpu["fsdp_config"] == gpu["fsdp_config"]
 
 
 def test_fsdp2_environment_from_the_launcher():
