@@ -24,13 +24,10 @@ What a sharded run must do differently, wherever the model is used outside the t
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Iterator
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 _TRUE = ("1", "true", "yes")
 
@@ -91,16 +88,6 @@ class ShardedOnCPU:
             self.is_fsdp_enabled = True
 
 
-def is_sharded_run() -> bool:
-    """Whether this process runs under FSDP (on any device), after the launch check set the state up."""
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    if fsdp_requested() and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        return True
-    return PartialState._shared_state.get("distributed_type") == DistributedType.FSDP
-
-
 @contextlib.contextmanager
 def full_weights_on_every_rank() -> Iterator[None]:
     """Load a model with its real weights on every rank, even when the launch set ``fsdp_cpu_ram_efficient_loading``.
@@ -159,6 +146,7 @@ def state_bytes_per_rank(model: torch.nn.Module, optimizer: torch.optim.Optimize
     largest over ranks (collective when a process group is up). What FSDP saves per rank, measured from the tensors
     themselves rather than from allocator statistics, which CPU runs do not have."""
     import torch.distributed as dist
+    from accelerate import PartialState
     from torch.distributed.tensor import DTensor
 
     def local_bytes(tensor: torch.Tensor) -> int:
@@ -170,5 +158,6 @@ def state_bytes_per_rank(model: torch.nn.Module, optimizer: torch.optim.Optimize
     optim = sum(local_bytes(v) for v in states if isinstance(v, torch.Tensor) and v.dim() > 0)  # not Adam's step
     sizes = torch.tensor([float(params), float(optim)], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
+        sizes = sizes.to(PartialState().device)  # NCCL reduces GPU tensors only
         dist.all_reduce(sizes, op=dist.ReduceOp.MAX)
     return {"memory/param_bytes_per_rank": sizes[0].item(), "memory/optimizer_bytes_per_rank": sizes[1].item()}

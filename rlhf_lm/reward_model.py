@@ -24,6 +24,7 @@ import torch
 
 from rlhf_lm.artifacts import METRICS_FILE
 from rlhf_lm.errors import ArtifactError, DataError, RewardError
+from rlhf_lm.fsdp import is_sharded
 from rlhf_lm.rewards import RewardModel, check_rewards
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,8 @@ class ClassifierReward:
             raise RewardError(f"Reward model {name}: its tokenizer has no pad token; set one (e.g. pad = eos).")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model.to(self.device)
+        if not is_sharded(model):  # FSDP2 places its shards itself; .to() on them can fail to swap
+            self.model.to(self.device)
         self.normalize, self.mean, self.std = normalize, mean, std
         # Texts longer than the model's positions are cut (the stage drops such pairs from training instead).
         self.max_length = max_length or getattr(model.config, "max_position_embeddings", None)
