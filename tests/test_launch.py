@@ -32,10 +32,11 @@ def test_the_checks_by_hand():
 
 
 def _launch(tmp_path: Path, *args: str) -> list[str]:
+    """Each rank's LAUNCH line (two ranks' prints can land on one line of the shared stdout: split them apart)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *args, str(ROOT / "tests" / "launch_probe.py")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    return [line for line in done.stdout.splitlines() if line.startswith("LAUNCH")]
+    return [("LAUNCH" + part).splitlines()[0].rstrip() for part in done.stdout.split("LAUNCH")[1:]]
 
 
 def test_cpu_flag_with_two_processes_is_refused(tmp_path):
