@@ -111,14 +111,23 @@ def quality(workdir: Path, model: str, size: Size) -> dict:
         common(model, data, size, ppo_dir), data_format="prompt_only", reward_model=str(rm_dir),
         learning_rate=1e-4, max_steps=size.ppo_steps, rollout_batch_size=size.rollout,
         per_device_train_batch_size=size.rollout // 2, max_new_tokens=size.max_new_tokens, max_prompt_length=256,
-        kl_coef=0.05, target_kl=0.03, missing_eos_penalty=1.0, normalize_scores=True, max_eval_samples=1))
+        kl_coef=0.05, target_kl=0.03, missing_eos_penalty=1.0, normalize_scores=True))
     history = json.loads((ppo_dir / "metrics.json").read_text())["log_history"]
     results["ppo"]["per_iteration"] = [{k: h[k] for k in ("step", "objective/scores", "objective/kl") if k in h}
                                        for h in history if "objective/kl" in h]
-    results["ppo_eval"] = run_stage("evaluate", dict(
-        policy_path=str(ppo_dir), output_dir=str(workdir / "ppo_eval"), reward_model=str(rm_dir),
-        num_prompts=size.eval_prompts, max_new_tokens=size.max_new_tokens, dtype="float32"))
+    results["ppo_eval"] = evaluate_ppo(workdir, size)
     return results
+
+
+def evaluate_ppo(workdir: Path, size: Size) -> dict:
+    """(c)'s judgement: the PPO policy against its reference on the held-out prompts (the test split), by (a)."""
+    import shutil
+
+    shutil.rmtree(workdir / "ppo_eval", ignore_errors=True)
+    return run_stage("evaluate", dict(
+        policy_path=str(workdir / "ppo"), output_dir=str(workdir / "ppo_eval"), reward_model=str(workdir / "reward"),
+        prompts=str(workdir / "data"), prompts_split="test", num_prompts=size.eval_prompts,
+        max_new_tokens=size.max_new_tokens, dtype="float32"))
 
 
 # ------------------------------------------------------------------------------------------ (d) speed and memory
