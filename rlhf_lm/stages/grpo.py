@@ -36,6 +36,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.errors import ConfigError, DataError
 from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded
+from rlhf_lm.logprob_tiles import FallbackLogProbTiles
 from rlhf_lm.rewards import RewardModel, check_rewards
 from rlhf_lm.sampling import NEUTRAL_SAMPLING
 
@@ -123,8 +124,8 @@ CONFIG = GRPOStageConfig
 
 def with_atomic_checkpoints(trainer_cls: type) -> type:
     """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`), with FSDP2
-    on CPU ranks (:class:`rlhf_lm.fsdp.ShardedOnCPU`)."""
-    return type(trainer_cls.__name__, (ShardedOnCPU, AtomicCheckpoints, trainer_cls), {})
+    on CPU ranks (:class:`rlhf_lm.fsdp.ShardedOnCPU`) and small log-prob tiles on CPU (:mod:`rlhf_lm.logprob_tiles`)."""
+    return type(trainer_cls.__name__, (ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, trainer_cls), {})
 
 
 def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
