@@ -296,7 +296,7 @@ def evaluate_policy(
     if reward_model is not None:
         name = getattr(reward_model, "name", type(reward_model).__name__)
         # The reward model gets the prompts as the data has them (messages stay messages), so a classifier lays
-        # the text out as it did in training (rlhf_lm.reward_model.reward_text), with its own chat template.
+        # the text out as it did in training (rlhf_lm.rewards.layout.reward_text), with its own chat template.
         r_pol = check_rewards(reward_model(list(prompts), policy_texts), n, name).cpu()
         r_ref = check_rewards(reward_model(list(prompts), reference_texts), n, name).cpu()
         metrics.update({"eval/win_rate": win_rate(r_pol, r_ref), "eval/reward/policy": r_pol.mean().item(),
