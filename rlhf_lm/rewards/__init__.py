@@ -9,6 +9,7 @@ reward is a plain class or function - no registration needed. ``load_reward(spec
 * :mod:`~rlhf_lm.rewards.classifier` - a trained reward-stage artifact or HF classifier (:class:`ClassifierReward`)
 * :mod:`~rlhf_lm.rewards.layout` - the text a classifier scores, as TRL's RewardTrainer lays it out in training
 * :mod:`~rlhf_lm.rewards.combine` - :class:`NormalizedReward` and :class:`EnsembleReward`
+* :mod:`~rlhf_lm.rewards.trl_adapter` - a RewardModel as a TRL reward function (GRPO, RLOO)
 
 The metrics a reward model is judged by (accuracy, ECE, length bias) live in :mod:`rlhf_lm.reward_metrics`.
 Submodules import each other directly (never this package), so importing any one of them starts no cycle.
@@ -20,6 +21,7 @@ from rlhf_lm.rewards.combine import EnsembleReward, NormalizedReward, reward_sta
 from rlhf_lm.rewards.layout import reward_input_ids, reward_text
 from rlhf_lm.rewards.loading import load_reward
 from rlhf_lm.rewards.protocol import RewardModel, check_rewards, probe_reward
+from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 
 __all__ = [
     "ClassifierReward",
@@ -28,6 +30,7 @@ __all__ = [
     "GoldReward",
     "NormalizedReward",
     "RewardModel",
+    "TRLRewardFunction",
     "check_rewards",
     "load_reward",
     "probe_reward",
