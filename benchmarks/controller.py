@@ -45,9 +45,12 @@ torch.set_num_threads(1)
 import datasets  # noqa: E402
 import transformers  # noqa: E402
 
+if __package__ in (None, ""):  # run as a file: make `benchmarks.controller_harness` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.controller_harness import DpoTask, SteppedRun  # noqa: E402
 from rlhf_lm.controller import build_callback  # noqa: E402
 from rlhf_lm.controller.actions import scale_learning_rate, trainable_parameters  # noqa: E402
-from rlhf_lm.controller.harness import DpoTask, SteppedRun  # noqa: E402
 from rlhf_lm.controller.snapshot import Snapshot  # noqa: E402
 from rlhf_lm.task import TaskConfig, build_task  # noqa: E402
 

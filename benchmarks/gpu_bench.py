@@ -639,9 +639,9 @@ def measure_padding(pairs_path: Path = HH_PAIRS, vocab_size: int = 16000, max_le
     Lengths come from a byte-level BPE trained on the pairs themselves (``vocab_size`` tokens), a stand-in for a
     model tokenizer (none can be downloaded here); sequences are capped at ``max_length`` as DPO truncates them.
     """
+    from benchmarks.padding import dpo_padding_fraction
     from rlhf_lm.data import load_rows, normalize_preferences
     from rlhf_lm.modeling import train_tokenizer
-    from rlhf_lm.speed import dpo_padding_fraction
 
     pairs, _ = normalize_preferences(load_rows(str(pairs_path)), "hh_rlhf")
     tokenizer = train_tokenizer((t for row in pairs for t in (row["prompt"] + row["chosen"], row["rejected"])),

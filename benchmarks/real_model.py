@@ -157,7 +157,7 @@ def speed_trainer(side: str, stage: str, model: str, data: str, out: str, steps:
 
     from rlhf_lm.data import load_rows, normalize_preferences
     from rlhf_lm.modeling import load_tokenizer
-    from rlhf_lm.reward_model import reward_input_ids
+    from rlhf_lm.rewards import reward_input_ids
 
     tokenizer = load_tokenizer(model)
     pairs, _ = normalize_preferences(load_rows(data), "hh_rlhf", hh_messages=True)

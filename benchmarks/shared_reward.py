@@ -98,7 +98,7 @@ def policy(base: Path):
 
 
 def reward_for(layout: str, model, tokenizer, reward_dir: Path):
-    from rlhf_lm.reward_model import ClassifierReward
+    from rlhf_lm.rewards import ClassifierReward
     from rlhf_lm.shared_reward import load_reward_for_policy
 
     if layout == "shared":
@@ -190,7 +190,7 @@ def compare_logs(a: list[dict], b: list[dict]) -> dict[str, float]:
     return diffs
 
 
-UNMERGED_SPEC = """from rlhf_lm.reward_model import ClassifierReward
+UNMERGED_SPEC = """from rlhf_lm.rewards import ClassifierReward
 
 
 class Unmerged(ClassifierReward):
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     separate = {kind: reward_for(kind, None, None, reward_dir)(score_prompts, replies)
                 for kind in ("separate", "unmerged")}
     # Which float32 rounding is closer to the exact scores: the same reward model in float64, unmerged.
-    from rlhf_lm.reward_model import ClassifierReward
+    from rlhf_lm.rewards import ClassifierReward
 
     exact = ClassifierReward.from_pretrained(reward_dir, device="cpu", merge=False, dtype=torch.float64)
     exact.model.double()  # the LoRA factors too (PEFT creates them in float32)

@@ -14,7 +14,7 @@ import json
 
 from format_rule import FormatRule  # a sibling file: load_reward puts this folder on sys.path while loading
 
-from rlhf_lm.reward_model import ClassifierReward, EnsembleReward, NormalizedReward
+from rlhf_lm.rewards import ClassifierReward, EnsembleReward, NormalizedReward
 
 
 class ClassifierPlusFormat(EnsembleReward):

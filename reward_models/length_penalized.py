@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_lm.reward_model import ClassifierReward
+from rlhf_lm.rewards import ClassifierReward
 
 
 class LengthPenalized:

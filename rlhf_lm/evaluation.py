@@ -27,12 +27,11 @@ from typing import Any
 import torch
 
 from rlhf_lm.errors import ConfigError, DataError
-from rlhf_lm.rewards import RewardModel, check_rewards
+from rlhf_lm.rewards import GoldReward, RewardModel, check_rewards
 from rlhf_lm.sampling import (
     Prompt,
     encode_prompts,
     pad_token_id,
-    prompt_text,
     sample,
     sampling_config,
     seeded,
@@ -263,8 +262,9 @@ def evaluate_policy(
     Metrics (all under ``eval/``): ``win_rate`` of policy over reference judged by ``reward_model`` (ties count
     half), ``reward/policy`` and ``reward/reference`` (mean scores), ``kl`` (mean over prompts of the per-token k1
     KL(policy || reference) on the policy's own samples, see :func:`sequence_kl`), ``length/policy`` and
-    ``length/reference`` (mean generated tokens), ``num_prompts``; with ``gold=True`` also the built-in task's
-    ``gold_reward/policy``, ``gold_reward/reference`` and ``gold_win_rate``. Both models sample with the same seed.
+    ``length/reference`` (mean generated tokens), ``num_prompts``; with ``gold=True`` the built-in task's gold reward
+    (:class:`rlhf_lm.rewards.GoldReward`) is one more judge: ``gold_reward/policy``, ``gold_reward/reference`` and
+    ``gold_win_rate``. Both models sample with the same seed.
 
     ``reference=None`` with a LoRA policy uses the policy itself in :func:`reference_mode` (no second copy).
     ``samples_path`` gets one JSON line per prompt: prompt, policy and reference completions, and their scores.
@@ -293,24 +293,20 @@ def evaluate_policy(
         "eval/length/reference": sum(map(len, reference_ids)) / n,
     }
     columns: dict[str, list[float]] = {"kl": kl.tolist()}
-    if reward_model is not None:
-        name = getattr(reward_model, "name", type(reward_model).__name__)
-        # The reward model gets the prompts as the data has them (messages stay messages), so a classifier lays
-        # the text out as it did in training (rlhf_lm.reward_model.reward_text), with its own chat template.
-        r_pol = check_rewards(reward_model(list(prompts), policy_texts), n, name).cpu()
-        r_ref = check_rewards(reward_model(list(prompts), reference_texts), n, name).cpu()
-        metrics.update({"eval/win_rate": win_rate(r_pol, r_ref), "eval/reward/policy": r_pol.mean().item(),
-                        "eval/reward/reference": r_ref.mean().item()})
-        columns.update(reward_policy=r_pol.tolist(), reward_reference=r_ref.tolist())
+    # Every judge is a RewardModel, the built-in task's gold reward included; (judge, metric prefix, column prefix).
+    judges = [(reward_model, "", "reward")] if reward_model is not None else []
     if gold:
-        from rlhf_lm.task import gold_reward
-
-        prompt_texts = [prompt_text(tokenizer, p) for p in prompts]  # the built-in task's prompts are text
-        g_pol = torch.tensor([gold_reward(p, c) for p, c in zip(prompt_texts, policy_texts, strict=True)])
-        g_ref = torch.tensor([gold_reward(p, c) for p, c in zip(prompt_texts, reference_texts, strict=True)])
-        metrics.update({"eval/gold_win_rate": win_rate(g_pol, g_ref), "eval/gold_reward/policy": g_pol.mean().item(),
-                        "eval/gold_reward/reference": g_ref.mean().item()})
-        columns.update(gold_policy=g_pol.tolist(), gold_reference=g_ref.tolist())
+        judges.append((GoldReward(), "gold_", "gold"))
+    for judge, metric, column in judges:
+        name = getattr(judge, "name", type(judge).__name__)
+        # A judge gets the prompts as the data has them (messages stay messages), so a classifier lays the text out
+        # as it did in training (rlhf_lm.rewards.layout.reward_text), with its own chat template.
+        r_pol = check_rewards(judge(list(prompts), policy_texts), n, name).cpu()
+        r_ref = check_rewards(judge(list(prompts), reference_texts), n, name).cpu()
+        metrics.update({f"eval/{metric}win_rate": win_rate(r_pol, r_ref),
+                        f"eval/{metric}reward/policy": r_pol.mean().item(),
+                        f"eval/{metric}reward/reference": r_ref.mean().item()})
+        columns.update({f"{column}_policy": r_pol.tolist(), f"{column}_reference": r_ref.tolist()})
     if samples_path is not None:
         write_samples(samples_path, prompts, policy_texts, reference_texts, columns)
     return metrics

@@ -174,7 +174,7 @@ def _load_snippet(repo_id: str, stages: dict[str, Path], base: str) -> str:
                       f"tokenizer = AutoTokenizer.from_pretrained({sub})"]
         elif config.get("task_type") == "SEQ_CLS":
             lines += ["", f"# {prefix or 'reward'}: the reward model (base + adapter + score head), scoring text",
-                      "from rlhf_lm.reward_model import ClassifierReward",
+                      "from rlhf_lm.rewards import ClassifierReward",
                       f"reward = ClassifierReward.from_pretrained({sub})",
                       'scores = reward(["Describe the cat.\\n"], ["the cat is happy ."])']
         elif any("ForCausalLM" in a for a in _read(folder / "config.json").get("architectures") or []):

@@ -10,8 +10,8 @@ keeps the score head beside it; :class:`SharedBaseReward` then scores like the r
     switch to the reward adapter (eval mode, no grad) -> trunk's last hidden state -> score head -> read the score
     at the last non-pad token (what a Llama/Qwen sequence classifier reads) -> switch back to the policy adapter.
 
-The text goes through :func:`rlhf_lm.reward_model.reward_input_ids` with the reward model's own tokenizer, batched
-and truncated exactly as :class:`~rlhf_lm.reward_model.ClassifierReward` does (this class *is* one, with the
+The text goes through :func:`rlhf_lm.rewards.layout.reward_input_ids` with the reward model's own tokenizer, batched
+and truncated exactly as :class:`~rlhf_lm.rewards.ClassifierReward` does (this class *is* one, with the
 classifier swapped for the adapter scorer), so the shared and the separate reward model give the same scores.
 
 Sharing needs the same base: the reward's base and the policy's must agree on their config *and* on their weights
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from rlhf_lm.errors import ArtifactError
-from rlhf_lm.reward_model import ADAPTER_CONFIG, ClassifierReward, _find_base, _read_stats
-from rlhf_lm.rewards import RewardModel, load_reward
+from rlhf_lm.rewards import ClassifierReward, RewardModel, load_reward
+from rlhf_lm.rewards.classifier import ADAPTER_CONFIG, find_adapter_base, read_reward_stats
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +317,7 @@ def _share_problem(path: Path, policy, policy_tokenizer) -> tuple[str | None, di
     problem = _adapter_problem(path, json.loads((path / ADAPTER_CONFIG).read_text()))
     if problem:
         return f"the reward adapter cannot be shared: {problem}", {}
-    base = _find_base(path)
+    base = find_adapter_base(path)
     info: dict[str, Any] = {}
     difference = config_difference(AutoConfig.from_pretrained(base), policy.get_base_model().config)
     if difference:
@@ -347,7 +347,7 @@ def _place_adapter(path: Path, spec: str, policy, tokenizer) -> tuple[RewardMode
         return load_reward(spec), {"shared_base": False, "reason": problem}
     name = _unique_name(policy, "reward")
     head = attach_reward_adapter(policy, path, name)
-    stats = _read_stats(path)
+    stats = read_reward_stats(path)
     reward = SharedBaseReward(policy, name, head, info.pop("tokenizer"), mean=stats.get("reward_mean"),
                               std=stats.get("reward_std"), name=spec)
     logger.info("Reward model %s shares the policy's base: adapter '%s' on the same weights (sha256 %s).", spec,
@@ -373,7 +373,7 @@ def resolve_reward(spec, share: bool = True) -> Callable[[Any, Any], tuple[Rewar
         if reason == OPTED_OUT:
             logger.info("Reward model %s loaded as a separate model (%s).", spec, OPTED_OUT)
         return lambda policy, tokenizer: (reward, {"shared_base": False, "reason": reason})
-    _find_base(path)  # an adapter whose base cannot be found fails here, as load_reward would
+    find_adapter_base(path)  # an adapter whose base cannot be found fails here, as load_reward would
     return functools.partial(_place_adapter, path, spec)
 
 

@@ -134,7 +134,7 @@ class Recorder(TrainerCallback):
 
 @pytest.fixture(scope="module")
 def dpo_task(tiny_task_dir):
-    from rlhf_lm.controller.harness import DpoTask
+    from benchmarks.controller_harness import DpoTask
 
     return DpoTask(tiny_task_dir, num_eval=16, num_test=16, max_length=64, lora_r=4)
 
@@ -274,7 +274,7 @@ def test_set_trainable_group_keeps_heads_trainable():
 
 # ------------------------------------------------------------------------------------------------ learned policy
 def test_hindsight_relabelling_by_hand():
-    from rlhf_lm.controller.train_learned import relabel
+    from benchmarks.train_learned_controller import relabel
 
     records = [
         {"features": {"progress": 0.0}, "objective": 0.7, "scores": {"0.1": 0.7, "1.0": 0.7}},  # first: skipped
@@ -287,9 +287,9 @@ def test_hindsight_relabelling_by_hand():
 
 
 def test_learned_policy_fits_saves_and_decides(tmp_path):
+    from benchmarks.train_learned_controller import ACTIONS, fit_q
     from rlhf_lm.controller.policies import LearnedPolicy
     from rlhf_lm.controller.state import FEATURES
-    from rlhf_lm.controller.train_learned import ACTIONS, fit_q
 
     # a synthetic rule the network must learn: tiny updates -> raise the LR, huge updates -> lower it
     torch.manual_seed(0)

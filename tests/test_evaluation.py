@@ -19,7 +19,7 @@ from rlhf_lm.evaluation import (
     win_rate,
 )
 from rlhf_lm.modeling import load_causal_lm, load_tokenizer
-from rlhf_lm.rewards import FunctionReward
+from rlhf_lm.rewards import FunctionReward, GoldReward
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,21 @@ def test_evaluate_policy_against_an_identical_reference_ties(base, prompts, tmp_
     assert len(rows) == len(prompts)
     assert rows[0]["policy"] == rows[0]["reference"] and set(rows[0]["scores"]) >= {"kl", "reward_policy",
                                                                                    "gold_policy"}
+
+
+def test_gold_is_one_more_judge_and_reads_a_chat_prompt_by_its_last_message(base, prompts, tmp_path):
+    """Gold is scored by GoldReward, as PPO / GRPO train on it: a chat prompt by its last message (the task's
+    prompt), not by the chat template's text, whose earlier turns name other nouns (here a food in the system turn)."""
+    model, tok = base
+    chats = [[{"role": "system", "content": "Think of bread."}, {"role": "user", "content": p}] for p in prompts[:4]]
+    samples = tmp_path / "samples.jsonl"
+    m = evaluate_policy(_lora(model, random_init=True), tok, chats, gold=True, samples_path=samples,
+                        max_new_tokens=16)
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    for side in ("policy", "reference"):
+        expected = GoldReward()(chats, [row[side] for row in rows])
+        assert [row["scores"][f"gold_{side}"] for row in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert m[f"eval/gold_reward/{side}"] == pytest.approx(expected.mean().item(), abs=1e-6)
 
 
 def test_evaluate_policy_scores_a_different_policy(base, prompts):

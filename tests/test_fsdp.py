@@ -158,7 +158,7 @@ def test_artifacts_are_plain_adapters_that_load_in_one_process(runs):
     from peft import PeftModel
 
     from rlhf_lm.modeling import load_causal_lm
-    from rlhf_lm.reward_model import ClassifierReward
+    from rlhf_lm.rewards import ClassifierReward
 
     assert any(".score." in k for k in weights(runs["two"] / "reward"))
     prompts, replies = ["Describe the cat.\n", "Describe the dog.\n"], ["the cat is happy .", "a cold rain ."]

@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_lm.errors import RewardError
-from rlhf_lm.rewards import GoldReward
-from rlhf_lm.stages.grpo import TRLRewardFunction
+from rlhf_lm.rewards import GoldReward, TRLRewardFunction
 
 STAGES = ["grpo", "rloo"]
 

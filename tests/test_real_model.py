@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from rlhf_lm.configs import config_from_dict
-from rlhf_lm.reward_model import ClassifierReward
+from rlhf_lm.rewards import ClassifierReward
 
 pytestmark = pytest.mark.real
 
@@ -186,7 +186,7 @@ def assert_scored_as_in_training(records: list[dict], judge: ClassifierReward) -
 RECORDING_REWARD = '''
 import json
 
-from rlhf_lm.reward_model import ClassifierReward
+from rlhf_lm.rewards import ClassifierReward
 
 
 class RecordingReward:

@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from rlhf_lm.errors import ArtifactError, ConfigError, RewardError
-from rlhf_lm.reward_model import (
+from rlhf_lm.reward_metrics import expected_calibration_error, pairwise_accuracy, pearson, preference_metrics
+from rlhf_lm.rewards import (
     ClassifierReward,
     EnsembleReward,
+    FunctionReward,
+    GoldReward,
     NormalizedReward,
-    expected_calibration_error,
-    pairwise_accuracy,
-    pearson,
-    preference_metrics,
+    check_rewards,
+    load_reward,
     reward_text,
 )
-from rlhf_lm.rewards import FunctionReward, GoldReward, check_rewards, load_reward
 
 
 # ------------------------------------------------------------------------------------------------ pure metrics
@@ -217,7 +217,7 @@ def test_a_classifier_scores_exactly_the_tokens_reward_training_saw(tmp_path):
     from trl import RewardConfig, RewardTrainer
 
     from rlhf_lm.modeling import tiny_config, train_tokenizer
-    from rlhf_lm.reward_model import reward_input_ids
+    from rlhf_lm.rewards import reward_input_ids
 
     tok = train_tokenizer(["system user assistant be kind hi there hello friend how are you fine"] * 20,
                           vocab_size=300)

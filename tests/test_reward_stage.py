@@ -14,8 +14,7 @@ from safetensors import safe_open
 from rlhf_lm.artifacts import METRICS_FILE
 from rlhf_lm.configs import config_from_dict
 from rlhf_lm.errors import ConfigError, DataError, RlhfError
-from rlhf_lm.reward_model import ClassifierReward
-from rlhf_lm.rewards import load_reward
+from rlhf_lm.rewards import ClassifierReward, load_reward
 from rlhf_lm.stages import reward as reward_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,7 +352,7 @@ def test_long_conversations_keep_their_last_turns_and_only_impossible_pairs_are_
 
     from rlhf_lm.data import DataReport
     from rlhf_lm.modeling import train_tokenizer
-    from rlhf_lm.reward_model import fit_pairs_to_length, reward_input_ids
+    from rlhf_lm.rewards.layout import fit_pairs_to_length, reward_input_ids
 
     tok = train_tokenizer(["system user assistant hello there how are you fine thanks bye now"] * 20, vocab_size=300)
     system = {"role": "system", "content": "be kind"}

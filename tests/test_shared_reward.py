@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback, set_seed
 
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
-from rlhf_lm.reward_model import ClassifierReward
+from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.shared_reward import SharedBaseReward, last_non_pad_index, load_reward_for_policy
 
 
@@ -254,7 +254,7 @@ def test_ppo_stage_records_the_layout_and_the_model_card_says_it_was_shared(rewa
     assert "a separate model (share_reward_base: false)" in model_card(tmp_path / "separate", "me/ppo-run")
 
 
-UNMERGED = """from rlhf_lm.reward_model import ClassifierReward
+UNMERGED = """from rlhf_lm.rewards import ClassifierReward
 
 
 class Unmerged(ClassifierReward):

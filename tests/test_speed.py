@@ -1,4 +1,5 @@
-"""Padding accounting and length grouping (rlhf_lm.speed), by hand and inside a real DPOTrainer."""
+"""Padding accounting (benchmarks/padding.py) and length grouping (rlhf_lm.speed), by hand and inside a real
+DPOTrainer."""
 
 from __future__ import annotations
 
@@ -8,16 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from rlhf_lm.speed import (
-    LENGTH_COLUMN,
-    add_length_column,
-    dpo_padding_fraction,
-    fingerprint_module,
-    in_length_order,
-    padded_width,
-    padding_fraction,
-    pair_length,
-)
+from benchmarks.padding import dpo_padding_fraction, padded_width, padding_fraction, pair_length
+from rlhf_lm.speed import LENGTH_COLUMN, add_length_column, fingerprint_module, in_length_order
 
 
 def test_padding_fraction_by_hand():

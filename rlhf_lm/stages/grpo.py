@@ -37,30 +37,10 @@ from rlhf_lm.configs import (
 from rlhf_lm.errors import ConfigError, DataError
 from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded
 from rlhf_lm.logprob_tiles import FallbackLogProbTiles
-from rlhf_lm.rewards import RewardModel, check_rewards
+from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING
 
 logger = logging.getLogger(__name__)
-
-
-class TRLRewardFunction:
-    """A RewardModel in the shape TRL's online trainers call: ``fn(prompts, completions, **kwargs) -> list[float]``.
-
-    Prompts go to the reward model as the data has them (a conversation stays a list of messages, system prompt and
-    earlier turns included), so a classifier lays them out as in its training; a conversational completion (TRL
-    passes ``[{"role": "assistant", "content": ...}]``) goes as the text of its reply, as PPO and evaluation pass it.
-    """
-
-    def __init__(self, reward: RewardModel, name: str):
-        self.reward = reward
-        self.__name__ = name  # TRL logs rewards/<__name__>/mean
-
-    def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
-        def reply(completion):
-            return completion if isinstance(completion, str) else completion[-1]["content"]
-
-        values = self.reward(list(prompts), [reply(c) for c in completions])
-        return check_rewards(values, len(completions), self.__name__).tolist()
 
 
 def without_config_fields(options: dict, cfg) -> dict:

@@ -10,7 +10,7 @@ loaded as a one-label sequence classifier, so a policy checkpoint gets a fresh `
 The output directory holds the adapter (or the full / merged model), the tokenizer, and ``metrics.json``: eval
 metrics (accuracy, margin, ECE, length bias; gold accuracy on the built-in task), the reward mean/std over the
 training responses (``reward_mean`` / ``reward_std``, for normalising downstream), the data report and the config.
-``rlhf_lm.reward_model.ClassifierReward.from_pretrained(output_dir)`` loads it back as a RewardModel.
+``rlhf_lm.rewards.ClassifierReward.from_pretrained(output_dir)`` loads it back as a RewardModel.
 
 Engines (docs/distributed.md): one process, DDP and FSDP2 - under FSDP2 every rank gathers the adapter with its
 score head for the main process to write, and the closing measurement runs on every rank. Run in 2 CPU processes in
@@ -60,7 +60,9 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.reward_model import ClassifierReward, fit_pairs_to_length, preference_metrics
+from rlhf_lm.reward_metrics import preference_metrics
+from rlhf_lm.rewards import ClassifierReward
+from rlhf_lm.rewards.layout import fit_pairs_to_length
 from rlhf_lm.speed import LengthGroupedBatches
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """The learned policy: a small MLP from the scale-free features to the value of each LR factor.
 
-It is trained by ``python -m rlhf_lm.controller.train_learned`` on many short runs of tiny tasks (seeds disjoint
-from evaluation) and ships in ``rlhf_lm/controller/weights/``. It decides from features alone - no probes - so it
+It is trained by ``python -m benchmarks.train_learned_controller`` (in a clone of the repository: training code is
+not part of the library) on many short runs of tiny tasks (seeds disjoint from evaluation) and ships in
+``rlhf_lm/controller/weights/``. It decides from features alone - no probes - so it
 costs nothing beyond one run.
 """
 
@@ -79,7 +80,8 @@ class LearnedPolicy:
         path = Path(path or DEFAULT_WEIGHTS)
         if not path.is_file():
             raise ConfigError(f"Learned controller weights not found: {path}. Train them with "
-                              "`python -m rlhf_lm.controller.train_learned` or set controller.weights.")
+                              "`python -m benchmarks.train_learned_controller` (from a clone of the repository) "
+                              "or set controller.weights.")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -1,6 +1,6 @@
 """Train the learned controller policy and write the weights that ship in ``rlhf_lm/controller/weights/``.
 
-    python -m rlhf_lm.controller.train_learned [--episodes 12] [--rounds 2]
+    python -m benchmarks.train_learned_controller [--episodes 12] [--rounds 2]     # from the repository root
 
 Method (a one-step fitted-Q iteration with hindsight relabelling, after Dynamic Algorithm Configuration):
 
@@ -24,11 +24,15 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks.controller_harness` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_lm.controller.policies.learned import DEFAULT_WEIGHTS, LearnedPolicy, QNetwork, features_to_tensor
 from rlhf_lm.controller.policies.online import choose_candidate
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
     import transformers
 
-    from rlhf_lm.controller.harness import DpoTask
+    from benchmarks.controller_harness import DpoTask
     from rlhf_lm.task import TaskConfig, build_task
 
     transformers.logging.set_verbosity_error()

@@ -1,4 +1,5 @@
-"""Tiny DPO runs on the built-in task, for the controller's tests, benchmark and learned-policy training.
+"""Tiny DPO runs on the built-in task, for the controller's tests, benchmark (``benchmarks/controller.py``) and
+learned-policy training (``benchmarks/train_learned_controller.py``).
 
 Every run is a real TRL ``DPOTrainer`` with LoRA on the task's base policy. Tokenization is the slow part of
 building a trainer on 2 CPU cores, so :class:`DpoTask` tokenizes once and hands the tokenized datasets to every
