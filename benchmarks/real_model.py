@@ -244,18 +244,29 @@ def machine() -> dict:
     return quality_machine()
 
 
+# The harmless split is red-team prompts, and the page is read by everyone: samples in which any text contains one of
+# these slurs are left out of it (they stay in the stages' samples.jsonl).
+LEFT_OUT_OF_DOCS = ("nigger", "faggot", "retard", "kike", "chink", "spic", "tranny")
+
+
 def write_samples(workdir: Path, path: Path, n: int = 4) -> None:
     """A few held-out prompts with the reference's, DPO's and PPO's answers (from the stages' samples.jsonl)."""
     dpo = [json.loads(line) for line in (workdir / "dpo" / "samples.jsonl").read_text().splitlines()]
     ppo = [json.loads(line) for line in (workdir / "ppo_eval" / "samples.jsonl").read_text().splitlines()]
     lines = ["# Samples on held-out HH-RLHF prompts (SmolLM2-135M-Instruct, `benchmarks/real_model.py`)", "",
-             "The reference is the instruct model itself (adapters off). Scores are the trained reward model's.", ""]
-    for d, p in list(zip(dpo, ppo, strict=False))[:n]:
-        prompt = d["prompt"][-1]["content"] if isinstance(d["prompt"], list) else d["prompt"]
-        lines += [f"**Prompt:** {prompt.strip()}", "",
-                  f"- reference ({d.get('reward_reference', float('nan')):.2f}): {d['reference'].strip()}",
-                  f"- DPO ({d.get('reward_policy', float('nan')):.2f}): {d['policy'].strip()}",
-                  f"- PPO ({p.get('reward_policy', float('nan')):.2f}): {p['policy'].strip()}", ""]
+             "The prompts are the harmless split's red-team conversations, shown turn by turn; the answers are the last "
+             "assistant turn. The reference is the instruct model itself (adapters off). Scores in brackets are the "
+             "trained reward model's. Samples containing a slur are left out of this page.", ""]
+    shown = 0
+    for d, p in zip(dpo, ppo, strict=False):
+        texts = [turn["content"] for turn in d["prompt"]] + [d["reference"], d["policy"], p["policy"]]
+        if shown == n or any(word in text.lower() for text in texts for word in LEFT_OUT_OF_DOCS):
+            continue
+        shown += 1
+        lines += [f"**{turn['role']}:** {turn['content'].strip()}  " for turn in d["prompt"]]
+        lines += ["", f"- reference ({d['scores']['reward_reference']:.2f}): {d['reference'].strip()}",
+                  f"- DPO ({d['scores']['reward_policy']:.2f}): {d['policy'].strip()}",
+                  f"- PPO ({p['scores']['reward_policy']:.2f}): {p['policy'].strip()}", "", "---", ""]
     path.write_text("\n".join(lines))
 
 
