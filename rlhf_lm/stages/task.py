@@ -27,8 +27,7 @@ CONFIG = TaskStageConfig
 
 
 def run(cfg: TaskStageConfig, callbacks: list | None = None) -> dict[str, float]:
-    """Build the task into ``cfg.output_dir``; metrics.json (written last) marks the stage finished for a pipeline.
-    ``callbacks`` go to the trainer that pre-trains the base policy."""
+    """Build the task (``callbacks`` see the base policy's pre-training); metrics.json, written last, marks it done."""
     task_fields = {k: getattr(cfg, k) for k in TaskConfig.__dataclass_fields__}
     with staged_output(cfg.output_dir, stage="task", overwrite=cfg.overwrite_output_dir) as out:
         build_task(out, TaskConfig(**task_fields), arch=cfg.arch, pretrain_epochs=cfg.pretrain_epochs,
