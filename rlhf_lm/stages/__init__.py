@@ -36,6 +36,7 @@ class Stage(Protocol):
     ``run`` trains (or builds, or evaluates), writes ``metrics.json`` last into ``cfg.output_dir`` and returns the
     final metrics. ``callbacks`` are ``transformers.TrainerCallback`` objects for the stage's trainer, given to it
     with ``callbacks=`` as TRL's trainers take them; a stage that trains nothing (evaluate) has no events to send.
+    ``main`` is what ``rlhf-lm <stage>`` calls; a stage of your own that only runs in pipelines may leave it out.
     """
 
     CONFIG: type
@@ -54,7 +55,7 @@ class StageEntry:
     help: str = ""  # one line for `rlhf-lm --help`
     provides: tuple[str, ...] = ()  # artifacts later pipeline stages can take from it (ARTIFACTS)
     reads: str | None = None  # "pairs" or "prompts": which data of a task it trains or evaluates on
-    controller: str | None = None  # the controller's objective in this stage (CONTROLLER_OBJECTIVES); None: no controller
+    controller: str | None = None  # the controller's objective here (CONTROLLER_OBJECTIVES); None: no controller
     curves: tuple[str, ...] = DEFAULT_CURVES  # logged metrics worth plotting, in order of preference
 
     def __post_init__(self) -> None:
@@ -95,7 +96,8 @@ class StageEntry:
 
 _POLICY = "Fine-tune a policy with"
 STAGES: dict[str, StageEntry] = {entry.name: entry for entry in (
-    StageEntry("task", "rlhf_lm.stages.task", "Build the built-in gold-reward task: data files and a tiny base policy.",
+    StageEntry("task", "rlhf_lm.stages.task",
+               "Build the built-in gold-reward task: data files and a tiny base policy.",
                provides=("base_model", "preference_data", "prompt_data", "gold"),
                curves=()),  # the base policy's brief pre-training is part of building the task, not worth a plot
     StageEntry("reward", "rlhf_lm.stages.reward",
@@ -151,5 +153,5 @@ def get_stage(kind: str, source: str = "the recipe") -> StageEntry:
     return entry
 
 
-__all__ = ["ARTIFACTS", "CONTROLLER_OBJECTIVES", "DEFAULT_CURVES", "READS", "STAGES", "Stage", "StageEntry", "get_stage",
-           "is_known_stage", "unknown_stage_error"]
+__all__ = ["ARTIFACTS", "CONTROLLER_OBJECTIVES", "DEFAULT_CURVES", "READS", "STAGES", "Stage", "StageEntry",
+           "get_stage", "is_known_stage", "unknown_stage_error"]
