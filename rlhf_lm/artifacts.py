@@ -155,7 +155,10 @@ def incomplete_checkpoints(directory: str | os.PathLike) -> list[str]:
 
 def resolve_resume(output_dir: str | os.PathLike, resume: Any) -> str | None:
     """The checkpoint to resume from: for ``true`` the newest complete one in ``<output_dir>.partial`` (logged, with
-    any incomplete ones it skipped), for a path that checkpoint; None to start from scratch."""
+    any incomplete ones it skipped), for a path that checkpoint; None to start from scratch (resume not asked for).
+
+    ``true`` with no complete checkpoint is an error in every stage, as in transformers' Trainer (``No valid
+    checkpoint found``): a run asked to continue must not quietly start over."""
     if not wants_resume(resume):
         return None
     if str(resume).lower() != "true":
@@ -171,8 +174,9 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Any) -> str | None:
         logger.warning("Skipping incomplete checkpoint(s) %s in %s: the run was stopped while writing them.",
                        skipped, partial)
     if found is None:
-        logger.warning("resume_from_checkpoint: no complete checkpoint in %s; starting from scratch.", partial)
-        return None
+        raise ArtifactError(f"resume_from_checkpoint is true, but {partial} holds no complete checkpoint of a run "
+                            f"of output_dir {output_dir} to resume from. Leave resume_from_checkpoint out to start "
+                            "the run from the beginning.")
     logger.info("Resuming from %s (the newest complete checkpoint in %s).", found, partial)
     return found
 

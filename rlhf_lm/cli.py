@@ -17,20 +17,15 @@ import sys
 
 from rlhf_lm.errors import RlhfError
 from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
+from rlhf_lm.stages import STAGES
 
 # OSErrors that are the machine saying no to the user's paths, not bugs.
 USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG}
 
-# command -> (module with main(argv), one-line help)
+# command -> (module with main(argv), one-line help); the stages' commands come from their table
 COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": ("rlhf_lm.quickstart", "The whole pipeline on the built-in task, offline on CPU, in minutes."),
-    "task": ("rlhf_lm.stages.task", "Build the built-in gold-reward task: data files and a tiny base policy."),
-    "reward": ("rlhf_lm.stages.reward", "Train a reward model on preference pairs (TRL RewardTrainer, LoRA)."),
-    "dpo": ("rlhf_lm.stages.dpo", "Fine-tune a policy with DPO (TRL DPOTrainer, LoRA, reference = adapters off)."),
-    "ppo": ("rlhf_lm.stages.ppo", "Fine-tune a policy with PPO (LoRA policy + value head on one frozen base)."),
-    "grpo": ("rlhf_lm.stages.grpo", "Fine-tune a policy with GRPO (TRL GRPOTrainer)."),
-    "rloo": ("rlhf_lm.stages.rloo", "Fine-tune a policy with RLOO (TRL RLOOTrainer)."),
-    "evaluate": ("rlhf_lm.stages.evaluate", "Win-rate vs the reference, reward, KL and samples on held-out prompts."),
+    **{name: (stage.module, stage.help) for name, stage in STAGES.items()},
     "pipeline": ("rlhf_lm.pipeline", "Run the stages of a pipeline recipe in order, each using the last's output."),
     "push": ("rlhf_lm.hub", "Push a run's adapters, reward model and a model card to the Hugging Face Hub."),
 }

@@ -25,6 +25,7 @@ import yaml
 
 from rlhf_lm.artifacts import METRICS_FILE, OUTPUT_MARKER
 from rlhf_lm.errors import ArtifactError, ConfigError, HubError
+from rlhf_lm.stages import STAGES
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +231,18 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     datasets = sorted({c.get("dataset_name") for c in configs.values() if c.get("dataset_name")})
     hub_bases = sorted(b for b in bases if _looks_like_hub_id(b))
     plan = _read(run_dir / PIPELINE_FILE).get("stage_plan", [])
-    kinds = {p["kind"] for p in plan} | set(stages)
-    tags = ["rlhf-lm", "rlhf", "trl", "peft", "lora"] + sorted(kinds & {"reward", "dpo", "ppo", "grpo", "rloo"})
+    # each folder's stage kind: the pipeline's plan says; else a folder is named after its stage
+    kind_of = {**{name: name for name in stages}, **{p["name"]: p["kind"] for p in plan}}
+    provided = {name: STAGES[kind].provides if kind in STAGES else () for name, kind in kind_of.items()}
+    # tag the kinds of stage that trained a model (a policy or a reward model)
+    trained = {kind_of[name] for name, what in provided.items() if {"policy", "reward_model"} & set(what)}
+    tags = ["rlhf-lm", "rlhf", "trl", "peft", "lora"] + sorted(trained)
     card_data = ModelCardData(library_name="peft", tags=tags, base_model=hub_bases or None,
                               datasets=[d for d in datasets if _looks_like_hub_id(d)] or None)
     base_text = ", ".join(f"`{_portable(b, run_dir)}`" for b in sorted(bases)) or "see the recipe below"
-    base_arg = f'"{hub_bases[0]}"' if hub_bases else 'local + "/task/base_policy"' if "task" in stages else '"<base>"'
+    base_stage = next((name for name in stages if "base_model" in provided.get(name, ())), None)
+    base_arg = (f'"{hub_bases[0]}"' if hub_bases else f'local + "/{base_stage}/base_policy"' if base_stage
+                else '"<base>"')
 
     rows = ["| stage | contents | key metrics |", "|---|---|---|"]
     for prefix, folder in stages.items():

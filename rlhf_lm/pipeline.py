@@ -33,10 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
-import importlib
-import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -53,29 +49,12 @@ from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
 from rlhf_lm.configs import closest_key, load_recipe
 from rlhf_lm.errors import ArtifactError, ConfigError
 from rlhf_lm.redaction import redact
+from rlhf_lm.stages import STAGES, StageEntry, get_stage, is_known_stage, unknown_stage_error
 
 logger = logging.getLogger(__name__)
 
 PIPELINE_FILE = "pipeline.json"
 
-# stage kind -> module that follows the stage contract (CONFIG, run(cfg) -> metrics, main(argv))
-STAGE_MODULES: dict[str, str] = {
-    "task": "rlhf_lm.stages.task",
-    "reward": "rlhf_lm.stages.reward",
-    "dpo": "rlhf_lm.stages.dpo",
-    "ppo": "rlhf_lm.stages.ppo",
-    "grpo": "rlhf_lm.stages.grpo",
-    "rloo": "rlhf_lm.stages.rloo",
-    "evaluate": "rlhf_lm.stages.evaluate",
-}
-POLICY_STAGES = ("dpo", "ppo", "grpo", "rloo")
-PROMPT_STAGES = ("ppo", "grpo", "rloo", "evaluate")  # stages that read prompts; the others read preference pairs
-# What each stage kind hands on, by input name.
-PROVIDES: dict[str, tuple[str, ...]] = {
-    "task": ("base_model", "preference_data", "prompt_data", "gold"),
-    "reward": ("reward_model",),
-    **{kind: ("policy",) for kind in POLICY_STAGES},
-}
 # The keys of the pipeline recipe itself; every other top-level key is a shared stage key or a stage section.
 PIPELINE_KEYS = ("stages", "output_dir", "force", "push_to_hub", "hub_repo_id", "hub_private")
 SECTION_KEYS = ("stage", "inputs")  # keys of a stage section that belong to the pipeline, not the stage config
@@ -107,44 +86,12 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------ planning
-def stage_module(kind: str, source: str = "the recipe"):
-    """The module of a stage kind: a built-in name, or ``package.module`` of your own stage (same contract)."""
-    module_name = STAGE_MODULES.get(kind, kind)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name and not module_name.startswith(f"{e.name}."):
-            raise
-        if kind in STAGE_MODULES:
-            raise ConfigError(f"Stage '{kind}' is not available in this installation ({module_name} is missing).") from e
-        raise _unknown_stage(kind, source) from e
-    if not (hasattr(module, "CONFIG") and hasattr(module, "run")):
-        raise ConfigError(f"Stage module {module_name} must define CONFIG (a config dataclass) and run(cfg).")
-    return module
-
-
-def stage_config_class(kind: str) -> type:
-    return stage_module(kind).CONFIG
-
-
-def provides(kind: str) -> tuple[str, ...]:
-    """What a stage kind hands on; a custom stage module may declare ``PROVIDES = ("policy",)``."""
-    return PROVIDES.get(kind) or tuple(getattr(stage_module(kind), "PROVIDES", ()))
-
-
 def _fields(config_cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls) if f.init}
 
 
-def _unknown_stage(name: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(name, STAGE_MODULES, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"Unknown stage '{name}' in {source}.{hint} Stages: {', '.join(STAGE_MODULES)} (or the "
-                       "module path of your own stage); a section with another name needs `stage: <one of these>`.")
-
-
-def _artifact_values(kind: str, fields: set[str], providers: dict[str, StagePlan]) -> dict[str, Any]:
-    """Config values that point a stage of ``kind`` at the artifacts of the stages before it."""
+def _artifact_values(stage: StageEntry, fields: set[str], providers: dict[str, StagePlan]) -> dict[str, Any]:
+    """Config values that point ``stage`` at the artifacts of the stages before it."""
     values: dict[str, Any] = {}
 
     def offer(key: str, value: Any) -> None:
@@ -153,12 +100,11 @@ def _artifact_values(kind: str, fields: set[str], providers: dict[str, StagePlan
 
     if "base_model" in providers:
         offer("model_name_or_path", str(providers["base_model"].output_dir / "base_policy"))
-    data = "prompt_data" if kind in PROMPT_STAGES else "preference_data"
+    data = {"prompts": "prompt_data", "pairs": "preference_data"}.get(stage.reads)
     if data in providers:
-        split = "prompts" if data == "prompt_data" else "pairs"
         offer("dataset_name", str(providers[data].output_dir / "data"))
-        offer("dataset_train_split", f"{split}_train")
-        offer("dataset_eval_split", f"{split}_eval")
+        offer("dataset_train_split", f"{stage.reads}_train")  # the task writes pairs_train.jsonl, prompts_train.jsonl
+        offer("dataset_eval_split", f"{stage.reads}_eval")
     if "prompt_data" in providers:
         offer("prompts", str(providers["prompt_data"].output_dir / "data" / "prompts_eval.jsonl"))  # held out
     if "gold" in providers:
@@ -195,8 +141,8 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
 
     for name in names:  # unknown kinds fail before any (heavy) stage module is imported
         kind = sections.get(name, {}).get("stage", name)
-        if kind not in STAGE_MODULES and importlib.util.find_spec(kind.split(".")[0]) is None:
-            raise _unknown_stage(kind, source)
+        if not is_known_stage(kind):
+            raise unknown_stage_error(kind, source)
 
     # What is left at the top level: shared keys, or sections of stages that are not in `stages` (a mistake).
     shared = recipe
@@ -208,17 +154,19 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
         section = dict(sections.get(name, {}))
         kind = section.pop("stage", name)
         explicit_inputs = section.pop("inputs", {}) or {}
-        fields = _fields(stage_module(kind, source).CONFIG)
+        entry = get_stage(kind, source)
+        fields = _fields(entry.config_class)
         providers = dict(latest)
         for input_name, provider in explicit_inputs.items():
             if provider not in by_name:
                 raise ConfigError(f"{source}: stage '{name}' takes input '{input_name}' from '{provider}', which is "
                                   f"not an earlier stage. Earlier stages: {list(by_name) or 'none'}.")
-            if input_name not in provides(by_name[provider].kind):
+            offered = get_stage(by_name[provider].kind, source).provides
+            if input_name not in offered:
                 raise ConfigError(f"{source}: stage '{provider}' ({by_name[provider].kind}) provides "
-                                  f"{list(provides(by_name[provider].kind))}, not '{input_name}'.")
+                                  f"{list(offered)}, not '{input_name}'.")
             providers[input_name] = by_name[provider]
-        values = _artifact_values(kind, fields, providers)
+        values = _artifact_values(entry, fields, providers)
         own = {}
         for key, value in shared.items():
             if key in fields:
@@ -232,21 +180,21 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
                               f"{hint}")
         own.update(section)
         # A stage depends on a provider (for re-runs and missing-artifact errors) only through values it kept.
-        consumed = {i: p.name for i, p in providers.items() if set(_artifact_values(kind, fields, {i: p})) - set(own)}
+        consumed = {i: p.name for i, p in providers.items() if set(_artifact_values(entry, fields, {i: p})) - set(own)}
         values.update(own)
         values.setdefault("output_dir", str(run_dir / name))
         plan = StagePlan(name=name, kind=kind, values=values, inputs=consumed)
         plans.append(plan)
         by_name[name] = plan
-        for provided in provides(kind):
+        for provided in entry.provides:
             latest[provided] = plan
 
     leftover = [k for k in shared if k not in used_shared]
     if leftover:
         key = leftover[0]
-        if key in STAGE_MODULES or isinstance(shared[key], dict) and key != "controller":
+        if key in STAGES or isinstance(shared[key], dict) and key != "controller":
             raise ConfigError(f"{source}: section '{key}' is not in `stages` ({names}). Add it there or remove it.")
-        every = sorted(set().union(*(_fields(stage_config_class(p.kind)) for p in plans)) | set(PIPELINE_KEYS))
+        every = sorted(set().union(*(_fields(get_stage(p.kind).config_class) for p in plans)) | set(PIPELINE_KEYS))
         close = closest_key(key, every)
         hint = f" Did you mean '{close}'?" if close else ""
         raise ConfigError(f"Unknown config key '{key}' in {source}: no stage of this pipeline ({names}) has it.{hint}")
@@ -318,7 +266,7 @@ def build_config(stage: StagePlan, source: str = "the recipe"):
     """A stage's config object from its resolved values, through the stage dataclass's own checks."""
     from rlhf_lm.configs import config_from_dict
 
-    config_cls = stage_module(stage.kind).CONFIG
+    config_cls = get_stage(stage.kind, source).config_class
     return config_from_dict(config_cls, _numbers_from_strings(config_cls, stage.values),
                             f"section '{stage.name}' of {source}")
 
@@ -327,13 +275,11 @@ def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None
               replace: bool = False) -> dict[str, float]:
     """Build one stage's config and run the stage in this process; ``replace`` lets it replace its finished output
     (a forced stage, or one whose inputs were rebuilt)."""
-    module = stage_module(stage.kind)
-    if replace and "overwrite_output_dir" in _fields(module.CONFIG):
+    entry = get_stage(stage.kind, source)
+    if replace and "overwrite_output_dir" in _fields(entry.config_class):
         stage = dataclasses.replace(stage, values={**stage.values, "overwrite_output_dir": True})
     cfg = build_config(stage, source)
-    if history is not None and "callbacks" in inspect.signature(module.run).parameters:
-        return module.run(cfg, callbacks=[log_history_recorder(history)]) or {}
-    return module.run(cfg) or {}
+    return entry.run(cfg, callbacks=[log_history_recorder(history)] if history is not None else [])
 
 
 def log_history_recorder(into: list):
@@ -394,7 +340,9 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
             history: list = []
             results[stage.name] = dict(run_stage(stage, pipeline.source, history,
                                                  replace=stage.name in pipeline.force or bool(stale)))
-            if history:
+            # kept once: in the stage's metrics.json when it saves the history itself, else here (only the main
+            # process writes the record, and only it is sure to find metrics.json written by now)
+            if history and _is_main_process() and "log_history" not in read_json(stage.output_dir / METRICS_FILE):
                 record.setdefault("log_history", {})[stage.name] = history
         except Exception:
             logger.error("Stage %s failed. Finished stages and any previous %s are untouched; fix the cause and "

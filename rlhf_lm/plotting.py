@@ -11,15 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-# Per stage kind, the curves worth a glance, in order of preference (the first few that were logged are drawn).
-CURVES: dict[str, tuple[str, ...]] = {
-    "reward": ("loss", "accuracy", "margin", "eval_loss"),
-    "dpo": ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen"),
-    "ppo": ("objective/rlhf_reward", "objective/scores", "objective/kl", "policy/clipfrac", "loss/policy_avg"),
-    "grpo": ("reward", "kl", "loss", "completions/mean_length"),
-    "rloo": ("reward", "kl", "loss", "completions/mean_length"),
-}
-DEFAULT_CURVES = ("loss", "reward", "kl")
+from rlhf_lm.stages import DEFAULT_CURVES, STAGES
+
 MAX_PANELS = 3
 
 
@@ -41,8 +34,10 @@ def series(history: list[dict[str, Any]], key: str) -> tuple[list[float], list[f
 
 
 def pick_curves(kind: str, history: list[dict[str, Any]]) -> list[str]:
-    """The first MAX_PANELS preferred metrics for ``kind`` that have at least two logged points."""
-    chosen = [k for k in CURVES.get(kind, DEFAULT_CURVES) if len(series(history, k)[1]) >= 2]
+    """The first MAX_PANELS of the stage's preferred metrics (its STAGES entry's ``curves``) that have at least two
+    logged points."""
+    preferred = STAGES[kind].curves if kind in STAGES else DEFAULT_CURVES
+    chosen = [k for k in preferred if len(series(history, k)[1]) >= 2]
     return chosen[:MAX_PANELS]
 
 

@@ -16,6 +16,7 @@ def pretrain_causal_lm(
     learning_rate: float = 5e-3,
     batch_size: int = 32,
     seed: int = 0,
+    callbacks: list | None = None,
 ) -> dict[str, float]:
     """Train the model saved in ``model_dir`` on ``texts`` (each ends with EOS) and save it back in place.
 
@@ -44,7 +45,7 @@ def pretrain_causal_lm(
         datasets.utils.logging.disable_progress_bar()
         try:
             trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
-                                 processing_class=tokenizer)
+                                 processing_class=tokenizer, callbacks=callbacks)
             result = trainer.train()
         finally:
             if progress_bars:

@@ -184,6 +184,7 @@ def build_task(
     config: TaskConfig | None = None,
     arch: str = "llama",
     pretrain_epochs: int = 12,
+    callbacks: list | None = None,
     **model_overrides,
 ) -> Path:
     """Write the task to ``output_dir``: data files and a briefly pre-trained tiny base policy.
@@ -210,7 +211,7 @@ def build_task(
     tokenizer_texts = data.pretrain_texts + [p for p in all_prompts()]
     policy_dir = build_tiny_model(out / "base_policy", tokenizer_texts, arch=arch, seed=config.seed,
                                   **model_overrides)
-    pretrain_causal_lm(policy_dir, data.pretrain_texts, epochs=pretrain_epochs, seed=config.seed)
+    pretrain_causal_lm(policy_dir, data.pretrain_texts, epochs=pretrain_epochs, seed=config.seed, callbacks=callbacks)
 
     observed, expected = label_agreement(data.train_pairs, config.label_temperature)
     meta = {"config": asdict(config), "arch": arch, "label_agreement": observed, "label_agreement_expected": expected,

@@ -41,7 +41,7 @@ def live_models() -> int:
     return sum(isinstance(o, PreTrainedModel) for o in gc.get_objects())
 
 
-def run(cfg: ScoreStageConfig) -> dict[str, float]:
+def run(cfg: ScoreStageConfig, callbacks: list | None = None) -> dict[str, float]:
     models_at_start = live_models()
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     train, eval_ds, _ = load_preference_data(cfg)

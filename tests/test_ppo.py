@@ -198,6 +198,54 @@ def test_missing_eos_is_penalised_and_counted(tiny_task_dir, tmp_path):
     assert logs["objective/rlhf_reward"] == pytest.approx(-2.0 * logs["objective/no_eos_frac"], abs=1e-5)
 
 
+class Events(TrainerCallback):
+    """Records which TrainerCallback events arrive, and the trainer they name."""
+
+    def __init__(self):
+        self.names, self.trainers = [], set()
+
+    def on_event(self, name, kwargs):
+        self.names.append(name)
+        self.trainers.add(id(kwargs.get("trainer")))
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.on_event("train_begin", kwargs)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.on_event("log", kwargs)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.on_event("train_end", kwargs)
+
+
+def test_callbacks_given_to_the_stage_or_added_later_get_the_events_as_in_trl(tiny_task_dir, tmp_path):
+    from rlhf_lm.configs import parse_config
+    from rlhf_lm.pipeline import log_history_recorder
+    from rlhf_lm.stages import STAGES
+
+    # After construction, as transformers' Trainer.add_callback does it; pop_callback takes it out again.
+    trainer = make_trainer(tiny_task_dir, tmp_path, max_steps=2, logging_steps=1)
+    added, removed = Events(), Events()
+    trainer.add_callback(added)
+    trainer.add_callback(removed)
+    assert trainer.pop_callback(removed) is removed
+    trainer.train()
+    assert added.names == ["train_begin", "log", "log", "train_end"] and added.trainers == {id(trainer)}
+    assert removed.names == []
+
+    # Through the stage contract, as the pipeline runs it: its log-history recorder sees what metrics.json keeps.
+    history, events = [], Events()
+    cfg = parse_config(STAGES["ppo"].config_class, [
+        "--model_name_or_path", str(tiny_task_dir / "base_policy"), "--reward_model", "gold",
+        "--dataset_name", str(tiny_task_dir / "data" / "prompts_train.jsonl"), "--output_dir", str(tmp_path / "ppo"),
+        "--max_steps", "2", "--logging_steps", "1", "--rollout_batch_size", "8", "--per_device_train_batch_size",
+        "8", "--max_new_tokens", "8", "--use_cpu", "true", "--disable_tqdm", "true", "--lora_r", "4"])
+    STAGES["ppo"].run(cfg, callbacks=[log_history_recorder(history), events])
+    saved = json.loads((tmp_path / "ppo" / "metrics.json").read_text())["log_history"]
+    assert len(history) == 2 and history == saved
+    assert events.names == ["train_begin", "log", "log", "train_end"]
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ConfigError, match="kl_estimator"):
         PPOConfig(output_dir="x", kl_estimator="k2", use_cpu=True)

@@ -1,6 +1,6 @@
 """Every recipe in recipes/ runs: each is started exactly as a user starts it and trains for a step or two.
 
-``rlhf-lm <stage> --config <recipe> [--key value ...]`` is ``parse_config(stage_module(stage).CONFIG, argv)`` then the
+``rlhf-lm <stage> --config <recipe> [--key value ...]`` is ``parse_config(STAGES[stage].config_class, argv)`` then the
 stage's ``run(cfg)``; ``rlhf-lm pipeline --config <recipe> ...`` is ``parse_args`` + ``plan_pipeline`` +
 ``run_pipeline``. Both are called here with the recipe file itself and a short, explicit list of overrides per recipe
 that only (1) swaps what cannot be had offline - the model (SmolLM2-135M-Instruct, ``real_model_dir``, for the Qwen /
@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 
 from rlhf_lm.configs import load_recipe, parse_config
 from rlhf_lm.errors import ConfigError, RlhfError
-from rlhf_lm.pipeline import PIPELINE_KEYS, parse_args, plan_pipeline, run_pipeline, stage_module
+from rlhf_lm.pipeline import PIPELINE_KEYS, parse_args, plan_pipeline, run_pipeline
+from rlhf_lm.stages import STAGES
 
 pytestmark = pytest.mark.real
 
@@ -217,7 +218,7 @@ def start(request, tmp_path_factory, hh_data, ultrafeedback_data) -> Callable[[s
         if recipe not in done:
             command, overrides = RUNS[recipe]
             out = tmp_path_factory.mktemp(recipe.replace("/", "_").removesuffix(".yaml")) / "run"
-            module = stage_module(command)
+            module = STAGES[command].load()
             cfg = parse_config(module.CONFIG, ["--config", str(RECIPES / recipe), "--output_dir", str(out),
                                                *fill(overrides, sources)])
             module.run(cfg)
@@ -428,7 +429,7 @@ def test_qlora_recipe_stops_before_loading_the_model_on_cpu(recipe, checkpoint_w
                                                             ultrafeedback_data, tmp_path):
     command, overrides = QLORA[recipe]
     sources = {"hh_data": lambda: hh_data, "ultrafeedback_data": lambda: ultrafeedback_data}
-    module = stage_module(command)
+    module = STAGES[command].load()
     cfg = parse_config(module.CONFIG, ["--config", str(RECIPES / recipe), "--output_dir", str(tmp_path / "run"),
                                        "--model_name_or_path", str(checkpoint_without_weights),
                                        *fill(overrides, sources)])
@@ -447,7 +448,7 @@ def test_qlora_recipe_runs(recipe, real_model_dir, hh_data, ultrafeedback_data, 
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes: pip install 'rlhf-lm[quantization]'")
     command, overrides = QLORA[recipe]
     sources = {"hh_data": lambda: hh_data, "ultrafeedback_data": lambda: ultrafeedback_data}
-    module = stage_module(command)
+    module = STAGES[command].load()
     out = tmp_path / "run"
     cfg = parse_config(module.CONFIG, ["--config", str(RECIPES / recipe), "--output_dir", str(out),
                                        "--model_name_or_path", str(real_model_dir), *fill(overrides, sources)])

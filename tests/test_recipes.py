@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_lm.configs import load_recipe, parse_config
-from rlhf_lm.pipeline import STAGE_MODULES, build_config, plan_pipeline, stage_module
+from rlhf_lm.pipeline import build_config, plan_pipeline
+from rlhf_lm.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml"))
@@ -36,7 +37,7 @@ def test_recipe_parses_and_has_its_launch_command(path, tmp_path):
     rel = path.relative_to(ROOT).as_posix()
     assert any(config == rel for _, config in commands), f"{path.name}: the header's command should use {rel}"
     for command, _ in commands:
-        assert command in STAGE_MODULES or command in ("pipeline", "quickstart"), command
+        assert command in STAGES or command in ("pipeline", "quickstart"), command
     for accelerate_config in re.findall(r"--config_file (\S+)", path.read_text()):
         assert (ROOT / accelerate_config).is_file(), accelerate_config
 
@@ -47,8 +48,8 @@ def test_recipe_parses_and_has_its_launch_command(path, tmp_path):
         for stage in plan.stages:  # each stage's resolved values build its config (all checks in __post_init__)
             build_config(stage, rel)
     else:
-        (command, _), = {c for c in commands if c[0] in STAGE_MODULES and c[1] == rel}
-        cfg = parse_config(stage_module(command).CONFIG, ["--config", str(path)])
+        (command, _), = {c for c in commands if c[0] in STAGES and c[1] == rel}
+        cfg = parse_config(STAGES[command].config_class, ["--config", str(path)])
         for key, value in recipe.items():  # the recipe's numbers reached the config (stages may normalise strings)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 assert getattr(cfg, key) == value, key

@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ from rlhf_lm.artifacts import (
     staged_output,
     write_json,
 )
+from rlhf_lm.configs import parse_config
 from rlhf_lm.errors import ArtifactError
+from rlhf_lm.stages import STAGES
 
 TESTS = Path(__file__).parent
 CORPUS = TESTS / "corpus"
@@ -189,6 +192,20 @@ def test_resume_skips_checkpoints_torn_by_a_kill_and_logs_its_choice(tmp_path, c
     assert f"Resuming from {partial / 'checkpoint-12'}" in caplog.text
     with pytest.raises(ArtifactError, match="not a complete checkpoint"):
         resolve_resume(out, str(partial / "checkpoint-13"))
+
+
+@pytest.mark.parametrize("stage", [name for name, entry in STAGES.items()
+                                   if "resume_from_checkpoint" in {f.name for f in fields(entry.config_class)}])
+def test_every_stage_refuses_to_resume_when_there_is_no_checkpoint(stage, tmp_path):
+    """As transformers' Trainer raises for resume_from_checkpoint=True without a checkpoint, every stage stops (before
+    loading anything) with an error naming the output_dir."""
+    argv = ["--output_dir", str(tmp_path / "run"), "--resume_from_checkpoint", "true", "--model_name_or_path",
+            str(tmp_path / "no_model"), "--use_cpu", "true"]
+    if "reward_model" in {f.name for f in fields(STAGES[stage].config_class)}:
+        argv += ["--reward_model", "gold"]
+    with pytest.raises(ArtifactError, match=f"no complete checkpoint of a run of output_dir {tmp_path / 'run'}"):
+        STAGES[stage].run(parse_config(STAGES[stage].config_class, argv))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
 def _interrupt(signal_name: str, point: str, argv: list[str], log: Path) -> subprocess.CompletedProcess:

@@ -15,8 +15,6 @@ from typing import Any
 from rlhf_lm.controller.spec import ControllerSpec
 from rlhf_lm.errors import ConfigError
 
-STAGES = ("reward", "dpo", "ppo", "grpo", "rloo")
-
 
 def make_policy(spec: ControllerSpec) -> Any:
     from rlhf_lm.controller.policies import LearnedPolicy, RulesPolicy
@@ -36,13 +34,24 @@ def build_callback(spec: dict | None, stage: str):
         return None
     from rlhf_lm.controller.callback import ControllerCallback
 
-    if stage not in STAGES:
-        raise ConfigError(f"The controller does not know stage '{stage}'; stages: {', '.join(STAGES)}.")
+    objective = controller_objective(stage)
     parsed = spec if isinstance(spec, ControllerSpec) else ControllerSpec.from_dict(spec)
-    if parsed.policy == "online" and stage not in ("reward", "dpo"):
+    if parsed.policy == "online" and objective != "loss":
         raise ConfigError(f"controller.policy 'online' probes candidates on a held-out loss, which stage '{stage}' "
                           "does not have; use policy 'rules' or 'learned' there.")
     return ControllerCallback(parsed, stage, make_policy(parsed))
 
 
-__all__ = ["ControllerSpec", "build_callback", "make_policy"]
+def controller_objective(stage: str) -> str:
+    """What the controller measures in ``stage``, from its entry in :data:`rlhf_lm.stages.STAGES` (or a custom stage
+    module's ``CONTROLLER``): "loss" on a held-out batch, or the logged "reward"."""
+    from rlhf_lm.stages import STAGES, get_stage
+
+    objective = get_stage(stage).controller if stage in STAGES or "." in stage else None
+    if objective is None:
+        steered = [name for name, entry in STAGES.items() if entry.controller]
+        raise ConfigError(f"The controller does not know stage '{stage}'; stages: {', '.join(steered)}.")
+    return objective
+
+
+__all__ = ["ControllerSpec", "build_callback", "controller_objective", "make_policy"]

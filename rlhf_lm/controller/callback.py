@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from rlhf_lm.controller import actions
+from rlhf_lm.controller import actions, controller_objective
 from rlhf_lm.controller.policies.base import Decision
 from rlhf_lm.controller.policies.online import ProbePlanner, choose_candidate
 from rlhf_lm.controller.snapshot import Snapshot
@@ -30,7 +30,6 @@ from rlhf_lm.controller.state import SignalTracker
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "controller_state.json"
-LOSS_STAGES = ("reward", "dpo")  # stages whose loss on held-out pairs is the objective
 
 
 def find_trainer(callback: TrainerCallback) -> Any:
@@ -53,6 +52,7 @@ def find_trainer(callback: TrainerCallback) -> Any:
 class ControllerCallback(TrainerCallback):
     def __init__(self, spec: ControllerSpec, stage: str, policy: Any):
         self.spec, self.stage, self.policy = spec, stage, policy
+        self.objective = controller_objective(stage)  # "loss" on a held-out batch, or the logged "reward"
         self.tracker = SignalTracker()
         self.lr_multiplier, self.beta_multiplier, self.layer_group = 1.0, 1.0, "all"
         self.base_beta: float | None = None
@@ -95,7 +95,7 @@ class ControllerCallback(TrainerCallback):
         self.params = actions.trainable_parameters(model)
         self.base_beta = actions.kl_coefficient(self.trainer)
         self.max_steps = max(int(state.max_steps or 1), 1)
-        if self.stage in LOSS_STAGES:
+        if self.objective == "loss":
             self._val_batch = self._make_val_batch()
         if self.spec.policy == "online":
             self.planner = ProbePlanner(self.spec.candidates, self.spec.probe_steps, self.spec.compute_budget,

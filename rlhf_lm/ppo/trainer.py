@@ -175,6 +175,19 @@ class PPOTrainer:
         set_seed(args.seed + self.accelerator.process_index)
         self.control = self.callback_handler.on_init_end(args, self.state, self.control, trainer=self)
 
+    # ------------------------------------------------------------------------------------------------ callbacks
+    # transformers' Trainer API, so code that attaches a callback after the trainer is built works here as with TRL.
+    def add_callback(self, callback) -> None:
+        """Add a TrainerCallback (a class or an instance) to the ones this trainer calls."""
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        """Remove a callback (a class or an instance) and return it, or None when it is not there."""
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback) -> None:
+        self.callback_handler.remove_callback(callback)
+
     # ----------------------------------------------------------------------------------------------- data order
     def _order(self, epoch: int) -> list[int]:
         """The prompt order of one pass, a function of (seed, epoch) only, so a resumed run sees the same batches."""

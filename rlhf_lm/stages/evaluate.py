@@ -165,7 +165,7 @@ def load_models(cfg: EvaluateStageConfig):
     return policy.to(device).eval(), reference, tokenizer
 
 
-def run(cfg: EvaluateStageConfig) -> dict[str, float]:
+def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, float]:  # trains nothing: no events
     from rlhf_lm.data import hh_as_messages, load_rows, normalize_prompts
     from rlhf_lm.evaluation import evaluate_policy
     from rlhf_lm.stages.dpo import task_root

@@ -108,7 +108,7 @@ def with_atomic_checkpoints(trainer_cls: type) -> type:
     return type(trainer_cls.__name__, (ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, trainer_cls), {})
 
 
-def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
+def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> dict[str, float]:
     """Load model, tokenizer, prompts and reward; train with ``trainer_cls`` (GRPOTrainer / RLOOTrainer); save."""
     from peft import get_peft_model
     from transformers import set_seed
@@ -142,12 +142,12 @@ def run_online(cfg, trainer_cls, stage: str) -> dict[str, float]:
     # A reward-stage adapter trained on the same base goes onto the policy's weights (one base copy of the weights).
     reward, reward_layout = place_reward(model, tokenizer)
     reward_fn = TRLRewardFunction(reward, reward_name(cfg.reward_model))
-    callbacks = []
+    callbacks = list(callbacks or [])
     if cfg.controller:
         from rlhf_lm.controller import build_callback
 
         callback = build_callback(cfg.controller, stage=stage)
-        callbacks = [callback] if callback is not None else []
+        callbacks += [callback] if callback is not None else []
 
     # TRL sets temperature, top_k, top_p, min_p and repetition_penalty from the config, but min_p's default (None)
     # and every option it does not set are filled from the checkpoint's generation_config: pin them to neutral, as
@@ -197,10 +197,10 @@ def save_policy(trainer, out) -> None:
                                                                           safe_serialization=True)
 
 
-def run(cfg: GRPOStageConfig) -> dict[str, float]:
+def run(cfg: GRPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     from trl import GRPOTrainer
 
-    return run_online(cfg, GRPOTrainer, "grpo")
+    return run_online(cfg, GRPOTrainer, "grpo", callbacks)
 
 
 def main(argv: list[str] | None = None) -> int:

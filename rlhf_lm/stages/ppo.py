@@ -67,7 +67,7 @@ class PPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Trainin
 CONFIG = PPOStageConfig
 
 
-def run(cfg: PPOStageConfig) -> dict[str, float]:
+def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     from peft import get_peft_model
     from transformers import set_seed
 
@@ -91,12 +91,12 @@ def run(cfg: PPOStageConfig) -> dict[str, float]:
     model = get_peft_model(model, lora_config_from_args(cfg))
     # A reward-stage adapter trained on the same base goes onto the policy's weights (one base copy of the weights).
     reward, reward_layout = place_reward(model, tokenizer)
-    callbacks = []
+    callbacks = list(callbacks or [])  # our trainer sends transformers' TrainerCallback events, as TRL's do
     if cfg.controller:
         from rlhf_lm.controller import build_callback
 
         callback = build_callback(cfg.controller, stage="ppo")
-        callbacks = [callback] if callback is not None else []
+        callbacks += [callback] if callback is not None else []
 
     final_dir = cfg.output_dir
     with staged_output(final_dir, stage="ppo", overwrite=cfg.overwrite_output_dir,

@@ -203,7 +203,7 @@ def check_length_room(max_length: int | None, tokenizer) -> None:
                           "Raise max_length.")
 
 
-def run(cfg: RewardStageConfig) -> dict[str, float]:
+def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, float]:
     from accelerate import PartialState
     from transformers import set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
@@ -243,7 +243,7 @@ def run(cfg: RewardStageConfig) -> dict[str, float]:
     logger.info(report.summary())
 
     peft_config = lora_config_from_args(cfg, task_type="SEQ_CLS", modules_to_save=[head])
-    callbacks = []
+    callbacks = list(callbacks or [])
     if cfg.controller:
         from rlhf_lm.controller import build_callback
 

@@ -32,10 +32,10 @@ class RLOOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, Controll
 CONFIG = RLOOStageConfig
 
 
-def run(cfg: RLOOStageConfig) -> dict[str, float]:
+def run(cfg: RLOOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     from trl import RLOOTrainer
 
-    return run_online(cfg, RLOOTrainer, "rloo")
+    return run_online(cfg, RLOOTrainer, "rloo", callbacks)
 
 
 def main(argv: list[str] | None = None) -> int:

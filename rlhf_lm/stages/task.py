@@ -26,13 +26,13 @@ class TaskStageConfig(TaskConfig):
 CONFIG = TaskStageConfig
 
 
-def run(cfg: TaskStageConfig) -> dict[str, float]:
-    """Build the task into ``cfg.output_dir``; metrics.json (written last) marks the stage finished for a pipeline."""
+def run(cfg: TaskStageConfig, callbacks: list | None = None) -> dict[str, float]:
+    """Build the task (``callbacks`` see the base policy's pre-training); metrics.json, written last, marks it done."""
     task_fields = {k: getattr(cfg, k) for k in TaskConfig.__dataclass_fields__}
     with staged_output(cfg.output_dir, stage="task", overwrite=cfg.overwrite_output_dir) as out:
         build_task(out, TaskConfig(**task_fields), arch=cfg.arch, pretrain_epochs=cfg.pretrain_epochs,
                    hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
-                   num_hidden_layers=cfg.num_hidden_layers)
+                   num_hidden_layers=cfg.num_hidden_layers, callbacks=callbacks)
         meta = read_json(out / "task.json")
         metrics = {"task/label_agreement": meta["label_agreement"],
                    "task/num_train_prompts": float(meta["num_train_prompts"]),
