@@ -136,25 +136,15 @@ def _cut_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
     return row
 
 
-def generate_completions(
-    model,
-    tokenizer,
-    prompts: list[Prompt],
-    *,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> list[str]:
+def generate_completions(model, tokenizer, prompts: list[Prompt], **sampling: Any) -> list[str]:
     """Sample one completion per prompt and decode it (special tokens, EOS included, are stripped).
 
-    ``temperature=0`` decodes greedily. Conversational prompts (lists of messages) go through the tokenizer's chat
-    template with ``add_generation_prompt=True``.
+    ``sampling`` takes the keyword options of :func:`generate_token_ids` (``max_new_tokens``, ``temperature``,
+    ``top_k``, ``top_p``, ``batch_size``, ``seed``), with its defaults: one list of options for both, so they cannot
+    drift apart. ``temperature=0`` decodes greedily. Conversational prompts (lists of messages) go through the
+    tokenizer's chat template with ``add_generation_prompt=True``.
     """
-    ids = generate_token_ids(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed)
+    ids = generate_token_ids(model, tokenizer, encode_prompts(tokenizer, prompts), **sampling)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
