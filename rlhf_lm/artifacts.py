@@ -74,19 +74,12 @@ def wants_resume(resume: Any) -> bool:
 
 # -------------------------------------------------------------------------------------------------- markers
 def read_marker(directory: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((directory / OUTPUT_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return read_json_object(directory / OUTPUT_MARKER)
 
 
 def _legacy_marker(directory: Path) -> dict[str, Any] | None:
     """A finished output written before markers existed: its metrics.json records this very output_dir."""
-    try:
-        config = json.loads((directory / METRICS_FILE).read_text()).get("config")
-    except (OSError, ValueError, AttributeError):
-        return None
+    config = (read_json_object(directory / METRICS_FILE) or {}).get("config")
     if isinstance(config, dict) and Path(str(config.get("output_dir", ""))).name == directory.name:
         return {"state": "finished", "stage": "an earlier", "files": None}
     return None
@@ -125,10 +118,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not (_CHECKPOINT_NAME.match(path.name) and path.is_dir()):
         return False
-    try:
-        return isinstance(json.loads((path / TRAINER_STATE).read_text()), dict)
-    except (OSError, ValueError):
-        return False
+    return read_json_object(path / TRAINER_STATE) is not None
 
 
 def _numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -394,6 +384,17 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str))
     tmp.replace(path)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when the file is missing, unreadable or holds anything else: for files
+    that may not be there yet (a marker, a trainer state being written) or that only add detail (a model card's
+    metrics), where a gap is not an error."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def read_json(path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ unknown keys name the closest valid key, and validation errors become :class:`~r
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from typing import Any, TypeVar
 import yaml
 from trl import ModelConfig, TrlParser
 
-from rlhf_lm.errors import ConfigError
+from rlhf_lm.errors import ConfigError, closest_spelling, did_you_mean
 
 T = TypeVar("T")
 
@@ -253,16 +252,7 @@ def closest_key(key: str, valid: list[str]) -> str | None:
         return KEY_ALIASES[key]
     head = key.split("_")[0]
     same_head = [v for v in valid if v.split("_")[0] == head]
-    for candidates in (same_head, valid):
-        match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
-        if match:
-            return match[0]
-    return None
-
-
-def _closest(key: str, valid: list[str]) -> str:
-    match = closest_key(key, valid)
-    return f" Did you mean '{match}'?" if match else ""
+    return closest_spelling(key, same_head, cutoff=0.5) or closest_spelling(key, valid, cutoff=0.5)
 
 
 _TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f")
@@ -330,7 +320,8 @@ def check_keys(keys: list[str], config_cls: type, source: str) -> None:
     valid = field_names(config_cls)
     for key in keys:
         if key not in valid:
-            raise ConfigError(f"Unknown config key '{key}' in {source} for {config_cls.__name__}.{_closest(key, valid)}")
+            raise ConfigError(f"Unknown config key '{key}' in {source} for {config_cls.__name__}."
+                              f"{did_you_mean(closest_key(key, valid))}")
 
 
 def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:

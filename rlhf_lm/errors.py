@@ -7,7 +7,9 @@ TRL; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 import traceback
+from collections.abc import Iterable
 from pathlib import Path
 
 
@@ -49,3 +51,20 @@ def describe(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
     return f"{type(error).__name__}{where}: {error}"
+
+
+def closest_spelling(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The choice spelled most like ``name`` (difflib's similarity ratio at least ``cutoff``), or None."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
+    return match[0] if match else None
+
+
+def did_you_mean(guess: str | None) -> str:
+    """The hint an "unknown name" message ends with, `` Did you mean 'x'?``, or nothing when there is no guess: one
+    wording for every such error."""
+    return f" Did you mean '{guess}'?" if guess else ""
+
+
+def suggest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
+    """:func:`did_you_mean` for the closest spelling of ``name`` among ``choices`` (empty when none is close)."""
+    return did_you_mean(closest_spelling(name, choices, cutoff))

@@ -31,7 +31,9 @@ from rlhf_lm.rewards import GoldReward, RewardModel, check_rewards
 from rlhf_lm.sampling import (
     Prompt,
     encode_prompts,
+    left_pad,
     pad_token_id,
+    position_ids_from_mask,
     sample,
     sampling_config,
     seeded,
@@ -79,17 +81,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 # -------------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def generate_token_ids(
@@ -128,7 +119,7 @@ def generate_token_ids(
         with seeded(seed, device):
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
-                ids, mask = _left_pad([prompt_ids[i] for i in batch], pad_id, device)
+                ids, mask = left_pad([prompt_ids[i] for i in batch], pad_id, device)
                 generated = sample(model, ids, mask, config)[:, ids.shape[1]:]
                 for row, i in zip(generated.tolist(), batch, strict=True):
                     out[i] = _cut_at_eos(row, set(stop_ids))
@@ -145,25 +136,15 @@ def _cut_at_eos(row: list[int], eos_ids: set[int]) -> list[int]:
     return row
 
 
-def generate_completions(
-    model,
-    tokenizer,
-    prompts: list[Prompt],
-    *,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> list[str]:
+def generate_completions(model, tokenizer, prompts: list[Prompt], **sampling: Any) -> list[str]:
     """Sample one completion per prompt and decode it (special tokens, EOS included, are stripped).
 
-    ``temperature=0`` decodes greedily. Conversational prompts (lists of messages) go through the tokenizer's chat
-    template with ``add_generation_prompt=True``.
+    ``sampling`` takes the keyword options of :func:`generate_token_ids` (``max_new_tokens``, ``temperature``,
+    ``top_k``, ``top_p``, ``batch_size``, ``seed``), with its defaults: one list of options for both, so they cannot
+    drift apart. ``temperature=0`` decodes greedily. Conversational prompts (lists of messages) go through the
+    tokenizer's chat template with ``add_generation_prompt=True``.
     """
-    ids = generate_token_ids(model, tokenizer, encode_prompts(tokenizer, prompts), max_new_tokens=max_new_tokens,
-                             temperature=temperature, top_k=top_k, top_p=top_p, batch_size=batch_size, seed=seed)
+    ids = generate_token_ids(model, tokenizer, encode_prompts(tokenizer, prompts), **sampling)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
@@ -194,9 +175,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
                 ids[i, width_p - len(p):width_p + len(c)] = torch.tensor(p + c)
                 mask[i, width_p - len(p):width_p + len(c)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
             # logits at position t predict token t+1: the completion's tokens are predicted from width_p-1 onwards
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                            logits_to_keep=width_c + 1, use_cache=False).logits[:, :-1].float()
             targets = ids[:, width_p:]
             token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)

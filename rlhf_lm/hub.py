@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_lm.artifacts import METRICS_FILE, OUTPUT_MARKER
+from rlhf_lm.artifacts import METRICS_FILE, OUTPUT_MARKER, read_json_object
 from rlhf_lm.errors import ArtifactError, ConfigError, HubError
 from rlhf_lm.stages import STAGES
 
@@ -110,13 +110,6 @@ def files_to_push(run_dir: Path) -> list[tuple[Path, str]]:
     return out
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _library_versions() -> dict[str, str]:
     versions = {}
     for name in LIBRARIES:
@@ -138,7 +131,8 @@ def _portable(value: Any, run_dir: Path) -> Any:
     if isinstance(value, list):
         return [_portable(v, run_dir) for v in value]
     if isinstance(value, str):
-        recorded = _read(run_dir / PIPELINE_FILE).get("output_dir")  # the path the pipeline was given
+        # The path the pipeline was given.
+        recorded = (read_json_object(run_dir / PIPELINE_FILE) or {}).get("output_dir")
         for root in sorted({str(run_dir.resolve()), str(run_dir), recorded or str(run_dir)}, key=len, reverse=True):
             if value == root or value.startswith(root.rstrip("/") + "/"):
                 return "." + value[len(root.rstrip("/")):]
@@ -148,7 +142,7 @@ def _portable(value: Any, run_dir: Path) -> Any:
 # ---------------------------------------------------------------------------------------------- model card
 def _describe(folder: Path) -> str:
     if (folder / "adapter_config.json").is_file():
-        task_type = _read(folder / "adapter_config.json").get("task_type")
+        task_type = (read_json_object(folder / "adapter_config.json") or {}).get("task_type")
         kind = "reward model (LoRA adapter + score head)" if task_type == "SEQ_CLS" else "policy (LoRA adapter)"
     elif (folder / "config.json").is_file():
         kind = "model (full weights)"
@@ -167,7 +161,7 @@ def _load_snippet(repo_id: str, stages: dict[str, Path], base: str) -> str:
              f'local = snapshot_download("{repo_id}")  # add token=... for a private repo']
     for prefix, folder in stages.items():
         sub = f'local + "/{prefix}"' if prefix else "local"
-        config = _read(folder / "adapter_config.json")
+        config = read_json_object(folder / "adapter_config.json") or {}
         if config.get("task_type") == "CAUSAL_LM":
             lines += ["", f"# {prefix or 'policy'}: the LoRA policy adapter on its base model",
                       f"base = AutoModelForCausalLM.from_pretrained({base})",
@@ -178,7 +172,8 @@ def _load_snippet(repo_id: str, stages: dict[str, Path], base: str) -> str:
                       "from rlhf_lm.rewards import ClassifierReward",
                       f"reward = ClassifierReward.from_pretrained({sub})",
                       'scores = reward(["Describe the cat.\\n"], ["the cat is happy ."])']
-        elif any("ForCausalLM" in a for a in _read(folder / "config.json").get("architectures") or []):
+        elif any("ForCausalLM" in a
+                 for a in (read_json_object(folder / "config.json") or {}).get("architectures") or []):
             lines += ["", f"# {prefix or 'policy'}: a fully fine-tuned policy",
                       f"policy = AutoModelForCausalLM.from_pretrained({sub})",
                       f"tokenizer = AutoTokenizer.from_pretrained({sub})"]
@@ -225,12 +220,12 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     from huggingface_hub import ModelCardData
 
     stages = stage_dirs(run_dir)
-    metrics = {prefix: _read(folder / METRICS_FILE) for prefix, folder in stages.items()}
+    metrics = {prefix: read_json_object(folder / METRICS_FILE) or {} for prefix, folder in stages.items()}
     configs = {prefix: m.get("config", {}) for prefix, m in metrics.items()}
     bases = {c.get("model_name_or_path") for c in configs.values() if c.get("model_name_or_path")}
     datasets = sorted({c.get("dataset_name") for c in configs.values() if c.get("dataset_name")})
     hub_bases = sorted(b for b in bases if _looks_like_hub_id(b))
-    plan = _read(run_dir / PIPELINE_FILE).get("stage_plan", [])
+    plan = (read_json_object(run_dir / PIPELINE_FILE) or {}).get("stage_plan", [])
     # each folder's stage kind: the pipeline's plan says; else a folder is named after its stage
     kind_of = {**{name: name for name in stages}, **{p["name"]: p["kind"] for p in plan}}
     provided = {name: STAGES[kind].provides if kind in STAGES else () for name, kind in kind_of.items()}
@@ -248,7 +243,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     for prefix, folder in stages.items():
         top = ", ".join(f"{k}={v:.4g}" for k, v in _key_metrics(metrics[prefix]).items())
         rows.append(f"| `{prefix or '.'}` | {_describe(folder)} | {top} |")
-    summary = _read(run_dir / "summary.json")
+    summary = read_json_object(run_dir / "summary.json") or {}
     recipe = {p["name"]: {"stage": p["kind"], **p["values"]} for p in plan} or configs
     versions = _library_versions()
     parts = [
@@ -297,7 +292,7 @@ def push_run(run_dir: str | Path, repo_id: str, *, private: bool = True, token: 
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for path, rel in files]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
     if (run_dir / PIPELINE_FILE).is_file():  # the run record, with local paths made relative to the run
-        record = _portable(_read(run_dir / PIPELINE_FILE), run_dir)
+        record = _portable(read_json_object(run_dir / PIPELINE_FILE) or {}, run_dir)
         record["source"] = str(record.get("source", "")).split("/")[-1]  # the recipe's file name, not its path
         operations.append(CommitOperationAdd(path_in_repo=PIPELINE_FILE,
                                              path_or_fileobj=json.dumps(record, indent=2).encode()))

@@ -7,10 +7,10 @@ works on a headless machine.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from rlhf_lm.artifacts import read_json_object
 from rlhf_lm.stages import DEFAULT_CURVES, STAGES
 
 MAX_PANELS = 3
@@ -44,23 +44,17 @@ def pick_curves(kind: str, history: list[dict[str, Any]]) -> list[str]:
 def collect_histories(run_dir: str | Path) -> dict[str, tuple[str, list[dict[str, Any]]]]:
     """Stage name -> (kind, log history), from the stages' metrics.json or else the pipeline record."""
     run_dir = Path(run_dir)
-    record = _read(run_dir / "pipeline.json")
+    record = read_json_object(run_dir / "pipeline.json") or {}
     kinds = ({p["name"]: p["kind"] for p in record.get("stage_plan", [])}
              or {p.name: p.name for p in sorted(run_dir.iterdir()) if p.is_dir()})
     recorded = record.get("log_history", {})
     out = {}
     for name, kind in kinds.items():
-        history = _read(run_dir / name / "metrics.json").get("log_history") or recorded.get(name) or []
+        metrics = read_json_object(run_dir / name / "metrics.json") or {}
+        history = metrics.get("log_history") or recorded.get(name) or []
         if history:
             out[name] = (kind, history)
     return out
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def plot_training_curves(run_dir: str | Path, path: str | Path | None = None) -> Path | None:

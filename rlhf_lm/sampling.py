@@ -40,6 +40,23 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=s)["input_ids"] for t, s in zip(texts, add_special, strict=True)]
 
 
+def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (ids, attention_mask), so every row's generated tokens start at the same column."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, exactly as ``generate`` assigns them (so a forward pass over a sampled
+    sequence scores it with the positions it was sampled at)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def _hf_model(model):
     """The transformers model whose ``generation_config`` ``generate`` reads (under a PEFT wrapper, if any)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -23,9 +23,8 @@ from rlhf_lm.fsdp import is_sharded
 from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
 from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
-from rlhf_lm.ppo.rollout import left_pad
 from rlhf_lm.rewards import GoldReward
-from rlhf_lm.sampling import sample, sampling_config
+from rlhf_lm.sampling import left_pad, sample, sampling_config
 
 NEW_TOKENS = 6
 

@@ -17,13 +17,9 @@ import torch
 from torch import nn
 
 from rlhf_lm.errors import ConfigError
+from rlhf_lm.sampling import position_ids_from_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, exactly as ``generate`` assigns them (so logprobs match the sampler's)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def disable_dropout(model: nn.Module) -> None:

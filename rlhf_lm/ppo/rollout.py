@@ -13,7 +13,7 @@ import torch
 
 from rlhf_lm.ppo.model import PolicyWithValueHead
 from rlhf_lm.rewards import RewardModel, check_rewards
-from rlhf_lm.sampling import Prompt, pad_token_id, sample, sampling_config, stop_token_ids
+from rlhf_lm.sampling import Prompt, left_pad, pad_token_id, sample, sampling_config, stop_token_ids
 
 
 @dataclass
@@ -32,17 +32,6 @@ class Rollout:
     has_eos: torch.Tensor         # (B,) bool
     prompts: list[Prompt]         # as the data has them: text, or a list of messages
     completions: list[str]
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def truncate_after_eos(responses: torch.Tensor, stop_ids: list[int],

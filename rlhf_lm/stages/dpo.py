@@ -26,7 +26,6 @@ gathered from the shards and the closing evaluation samples on every rank in ste
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
@@ -60,7 +59,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
-from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
+from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe, suggest
 from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded, state_bytes_per_rank
 from rlhf_lm.logprob_tiles import FallbackLogProbTiles
 from rlhf_lm.modeling import (
@@ -165,9 +164,8 @@ def check_dpo_args(cfg: DPOStageConfig) -> None:
         raise ConfigError(f"loss_type is empty; choose from {', '.join(LOSS_TYPES)}.")
     for loss in cfg.loss_type:
         if loss not in LOSS_TYPES:
-            close = difflib.get_close_matches(loss, LOSS_TYPES, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"Unknown loss_type '{loss}'.{hint} Choose from {', '.join(LOSS_TYPES)}.")
+            raise ConfigError(f"Unknown loss_type '{loss}'.{suggest(loss, LOSS_TYPES)} Choose from "
+                              f"{', '.join(LOSS_TYPES)}.")
     if cfg.loss_weights is not None:
         if len(cfg.loss_weights) != len(cfg.loss_type):
             raise ConfigError(f"loss_weights has {len(cfg.loss_weights)} entries for {len(cfg.loss_type)} loss types "

@@ -38,7 +38,7 @@ from rlhf_lm.errors import ConfigError, DataError
 from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded
 from rlhf_lm.logprob_tiles import FallbackLogProbTiles
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
-from rlhf_lm.sampling import NEUTRAL_SAMPLING
+from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,7 @@ def filter_prompts(ds, tokenizer, max_prompt_length: int | None, report):
         return ds
 
     def length(prompt) -> int:
-        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                                                      add_generation_prompt=True)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"])
 
     keep = [i for i, p in enumerate(ds["prompt"]) if length(p) <= max_prompt_length]
     if len(keep) < len(ds):
