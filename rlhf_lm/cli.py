@@ -8,14 +8,13 @@ because it is a bug.
 
 from __future__ import annotations
 
-import difflib
 import errno
 import importlib
 import logging
 import os
 import sys
 
-from rlhf_lm.errors import RlhfError
+from rlhf_lm.errors import RlhfError, suggest
 from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
 from rlhf_lm.stages import STAGES
 
@@ -46,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        print(f"rlhf-lm: unknown command '{command}'.{hint}\n\n{usage()}", file=sys.stderr)
+        print(f"rlhf-lm: unknown command '{command}'.{suggest(command, COMMANDS)}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     _setup_logging()
     try:

@@ -47,7 +47,7 @@ import yaml
 
 from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
 from rlhf_lm.configs import closest_key, load_recipe
-from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.errors import ArtifactError, ConfigError, did_you_mean
 from rlhf_lm.redaction import redact
 from rlhf_lm.stages import STAGES, StageEntry, get_stage, is_known_stage, unknown_stage_error
 
@@ -174,8 +174,7 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
                 used_shared.add(key)
         unknown = [k for k in section if k not in fields]
         if unknown:
-            close = closest_key(unknown[0], sorted(fields))
-            hint = f" Did you mean '{close}'?" if close else ""
+            hint = did_you_mean(closest_key(unknown[0], sorted(fields)))
             raise ConfigError(f"Unknown config key '{unknown[0]}' in section '{name}' of {source} (a {kind} stage)."
                               f"{hint}")
         own.update(section)
@@ -195,8 +194,7 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
         if key in STAGES or isinstance(shared[key], dict) and key != "controller":
             raise ConfigError(f"{source}: section '{key}' is not in `stages` ({names}). Add it there or remove it.")
         every = sorted(set().union(*(_fields(get_stage(p.kind).config_class) for p in plans)) | set(PIPELINE_KEYS))
-        close = closest_key(key, every)
-        hint = f" Did you mean '{close}'?" if close else ""
+        hint = did_you_mean(closest_key(key, every))
         raise ConfigError(f"Unknown config key '{key}' in {source}: no stage of this pipeline ({names}) has it.{hint}")
 
     if force is True:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhf_lm.errors import ConfigError
+from rlhf_lm.errors import ConfigError, suggest
 
 POLICIES = ("rules", "online", "learned")
 LAYER_GROUPS = ("lower", "middle", "upper")
@@ -81,8 +80,7 @@ class ControllerSpec:
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in spec:
             if key not in valid:
-                match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-                hint = f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(valid)}."
+                hint = suggest(key, valid, cutoff=0.5) or f" Valid keys: {', '.join(valid)}."
                 raise ConfigError(f"Unknown key '{key}' in the controller section.{hint}")
         try:
             return cls(**spec)

@@ -12,13 +12,12 @@ A stage module follows :class:`Stage`. A pipeline recipe may also name a module 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from rlhf_lm.errors import ConfigError
+from rlhf_lm.errors import ConfigError, suggest
 
 # What a stage can hand on to later stages of a pipeline (see rlhf_lm.pipeline for where each one goes).
 ARTIFACTS = ("base_model", "preference_data", "prompt_data", "gold", "reward_model", "policy")
@@ -130,9 +129,7 @@ def is_known_stage(kind: str) -> bool:
 
 
 def unknown_stage_error(kind: str, source: str = "the recipe") -> ConfigError:
-    close = difflib.get_close_matches(kind, STAGES, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"Unknown stage '{kind}' in {source}.{hint} Stages: {', '.join(STAGES)} (or the module path "
+    return ConfigError(f"Unknown stage '{kind}' in {source}.{suggest(kind, STAGES)} Stages: {', '.join(STAGES)} (or the module path "
                        "of your own stage); a section with another name needs `stage: <one of these>`.")
 
 
