@@ -1,0 +1,45 @@
+"""The controller's final state and its decision history reach a stage's metrics.json and the model card."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from test_dpo import tiny_cfg
+
+from rlhf_lm.hub import model_card
+from rlhf_lm.stages.dpo import run
+
+
+def test_dpo_stage_writes_the_controller_into_metrics_and_the_model_card(tiny_task_dir, tmp_path):
+    out = tmp_path / "dpo"
+    cfg = tiny_cfg(tiny_task_dir, out, max_steps=6, eval_prompts=None, eval_num_prompts=1, eval_gold=False,
+                   controller={"policy": "online", "interval": 2, "probe_steps": 1, "val_batch_size": 16,
+                               "compute_budget": 3.0, "control_beta": True})
+    run(cfg)
+
+    controller = json.loads((out / "metrics.json").read_text())["controller"]
+    final, history = controller["final"], controller["history"]
+    assert controller["policy"] == "online" and controller["objective"] == "loss"
+    assert final["probes"] >= 1 and final["decisions"] == len(history) >= 2  # no rollbacks on this run
+    assert [h["step"] for h in history] == sorted(h["step"] for h in history)
+    assert final["lr_multiplier"] == pytest.approx(math.prod(h["lr_factor"] for h in history))
+    assert final["lr_multiplier"] == history[-1]["lr_multiplier"]
+    assert final["learning_rate"] == pytest.approx(cfg.learning_rate * final["lr_multiplier"])
+    assert final["beta"] == pytest.approx(cfg.beta * final["beta_multiplier"])
+    assert final["layer_group"] == "all"
+
+    card = model_card(out, "someone/tiny-dpo")
+    section = card.split("## Controller", 1)[1].split("\n## ", 1)[0]
+    assert "policy `online`" in section
+    assert f"final LR {final['learning_rate']:.4g}" in section
+    assert f"final beta / KL coefficient {final['beta']:.4g}" in section
+    assert f"{final['decisions']} decisions ({final['probes']} probes" in section
+
+
+def test_no_controller_section_without_a_controller(tmp_path):
+    from rlhf_lm.artifacts import write_json
+
+    write_json(tmp_path / "metrics.json", {"metrics": {"train/loss": 0.5}, "config": {}})
+    assert "## Controller" not in model_card(tmp_path, "someone/plain")
