@@ -85,11 +85,12 @@ class TrainerHandle:
             for group in groups:
                 if "initial_lr" in group:  # what a scheduler rebuilt from this optimizer would start from
                     group["initial_lr"] = group["initial_lr"] * factor
-        if getattr(scheduler, "_last_lr", None) is not None:
-            scheduled = list(scheduler._last_lr)
-        else:  # no schedule to follow (ReduceLROnPlateau before its first step): scale what is there
-            scheduled = [group["lr"] * (factor if lasting else 1.0) for group in groups]
-        trial = 1.0 if lasting else factor
+        scheduled = getattr(scheduler, "_last_lr", None)
+        if scheduled is None:  # no schedule to follow (none, or ReduceLROnPlateau before its first step)
+            for group in groups:
+                group["lr"] = group["lr"] * factor
+            return self.learning_rates()
+        trial = 1.0 if lasting else factor  # a lasting factor is inside the schedule by now
         for group, lr in zip(groups, scheduled, strict=True):
             group["lr"] = lr * trial
         return self.learning_rates()
