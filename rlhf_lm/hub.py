@@ -216,8 +216,8 @@ def _controller_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
         stage = f"`{prefix}`" if prefix else "this run"
         lines.append(f"- {stage}: policy `{controller.get('policy')}`, final LR {number['learning_rate']} "
                      f"(x{number['lr_multiplier']} of the recipe's), final beta / KL coefficient {number['beta']}, "
-                     f"{final.get('decisions', 0)} decisions ({final.get('probes', 0)} probes, "
-                     f"{final.get('rollbacks', 0)} rollbacks); every decision is in its metrics.json.")
+                     f"{final.get('decisions', 0)} decisions (probes: {final.get('probes', 0)}, "
+                     f"rollbacks: {final.get('rollbacks', 0)}); every decision is in its metrics.json.")
     if lines:
         lines = ["## Controller", "", "The hyperparameter controller steered these stages (docs/controller.md):", "",
                  *lines, ""]

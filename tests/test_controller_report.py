@@ -35,7 +35,7 @@ def test_dpo_stage_writes_the_controller_into_metrics_and_the_model_card(tiny_ta
     assert "policy `online`" in section
     assert f"final LR {final['learning_rate']:.4g}" in section
     assert f"final beta / KL coefficient {final['beta']:.4g}" in section
-    assert f"{final['decisions']} decisions ({final['probes']} probes" in section
+    assert f"{final['decisions']} decisions (probes: {final['probes']}, rollbacks: 0)" in section
 
 
 def test_no_controller_section_without_a_controller(tmp_path):
