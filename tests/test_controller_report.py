@@ -38,6 +38,29 @@ def test_dpo_stage_writes_the_controller_into_metrics_and_the_model_card(tiny_ta
     assert f"{final['decisions']} decisions (probes: {final['probes']}, rollbacks: 0)" in section
 
 
+def test_ppo_stage_writes_the_controller_into_metrics(tiny_task_dir, tmp_path):
+    """Our PPO trainer: the objective is the logged reward and the steered coefficient is PPO's live KL coefficient."""
+    from rlhf_lm.stages import ppo
+
+    out = tmp_path / "ppo"
+    ppo.main(["--model_name_or_path", str(tiny_task_dir / "base_policy"),
+              "--dataset_name", str(tiny_task_dir / "data" / "prompts_train.jsonl"), "--reward_model", "gold",
+              "--output_dir", str(out), "--max_steps", "3", "--rollout_batch_size", "8", "--logging_steps", "1",
+              "--per_device_train_batch_size", "8", "--max_new_tokens", "8", "--use_cpu", "true", "--kl_coef", "0.05",
+              "--disable_tqdm", "true", "--lora_r", "4", "--controller",
+              json.dumps({"policy": "rules", "interval": 1, "control_lr": False, "control_beta": True,
+                          "kl_target": 1e-4, "kl_horizon": 1.0})])
+    metrics = json.loads((out / "metrics.json").read_text())
+    controller, final = metrics["controller"], metrics["controller"]["final"]
+    assert controller["policy"] == "rules" and controller["objective"] == "reward"
+    assert final["decisions"] == len(controller["history"]) == 2  # after steps 1 and 2 of 3
+    assert final["beta_multiplier"] == pytest.approx(math.prod(h["beta_factor"] for h in controller["history"]))
+    assert final["beta_multiplier"] != 1.0 and final["beta"] == pytest.approx(0.05 * final["beta_multiplier"])
+    assert final["lr_multiplier"] == 1.0  # control_lr: false
+    assert "controller/beta" in metrics["log_history"][-1]  # logged in the trainer's own log lines too
+    assert f"final beta / KL coefficient {final['beta']:.4g}" in model_card(out, "someone/tiny-ppo")
+
+
 def test_no_controller_section_without_a_controller(tmp_path):
     from rlhf_lm.artifacts import write_json
 

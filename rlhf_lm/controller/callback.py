@@ -278,7 +278,7 @@ class ControllerCallback(TrainerCallback):
                 "learning_rate": base_lr * self.lr_multiplier if base_lr is not None else None,
                 "last_learning_rate": self.handle.learning_rates()[0] if self.handle else None,
                 "lr_multiplier": self.lr_multiplier,
-                "beta": self.base_beta * self.beta_multiplier if self.base_beta is not None else None,
+                "beta": self.handle.kl_coefficient() if self.handle else None,  # what the trainer reads now
                 "beta_multiplier": self.beta_multiplier, "layer_group": self.layer_group,
                 "decisions": self.decisions, "rollbacks": self.rollbacks, "probes": self.probes,
                 "best_objective": self.best_objective,
