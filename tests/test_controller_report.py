@@ -61,6 +61,23 @@ def test_ppo_stage_writes_the_controller_into_metrics(tiny_task_dir, tmp_path):
     assert f"final beta / KL coefficient {final['beta']:.4g}" in model_card(out, "someone/tiny-ppo")
 
 
+def test_reward_and_rloo_stages_write_the_controller_into_metrics(tiny_task_dir, tmp_path):
+    """TRL's RewardTrainer (a held-out loss) and RLOOTrainer (the logged reward; GRPO runs the same stage code)."""
+    from test_grpo_rloo import run_stage, stage_args
+    from test_reward_stage import stage_config
+
+    from rlhf_lm.stages import reward as reward_stage
+
+    rules = {"policy": "rules", "interval": 1, "val_batch_size": 8}
+    reward_stage.run(stage_config(tiny_task_dir, tmp_path / "reward", max_steps=2, controller=rules))
+    run_stage("rloo", stage_args(tiny_task_dir, tmp_path / "rloo", steps=2, controller=json.dumps(rules)))
+    for name, objective in (("reward", "loss"), ("rloo", "reward")):
+        controller = json.loads((tmp_path / name / "metrics.json").read_text())["controller"]
+        assert controller["policy"] == "rules" and controller["objective"] == objective, name
+        assert controller["final"]["decisions"] == len(controller["history"]) == 1, name  # after step 1 of 2
+        assert math.isfinite(controller["history"][0]["objective"]), name
+
+
 def test_no_controller_section_without_a_controller(tmp_path):
     from rlhf_lm.artifacts import write_json
 
