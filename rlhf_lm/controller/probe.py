@@ -74,7 +74,9 @@ class ProbeAndCommit:
                     kept = {factor: handle.snapshot()}
             best = handle.broadcast(self.commit_rule(scores))
             handle.restore(kept.get(best, start))
-            if best not in kept:  # a near-tie went to the factor nearest 1: replay it rather than keep another's state
+            # the commit rule may pick another than the lowest score (a near-tie goes to the larger step; training
+            # the learned policy explores): replay that candidate rather than keep another's state
+            if best not in kept:
                 handle.set_learning_rate(clip(best))
                 self._train(handle, batches)
                 handle.set_learning_rate(1.0)
