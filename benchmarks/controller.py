@@ -50,8 +50,7 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks.controller_harn
 
 from benchmarks.controller_harness import DpoTask, SteppedRun  # noqa: E402
 from rlhf_lm.controller import build_callback  # noqa: E402
-from rlhf_lm.controller.actions import scale_learning_rate, trainable_parameters  # noqa: E402
-from rlhf_lm.controller.snapshot import Snapshot  # noqa: E402
+from rlhf_lm.controller.handle import TrainerHandle  # noqa: E402
 from rlhf_lm.task import TaskConfig, build_task  # noqa: E402
 
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
@@ -110,14 +109,13 @@ def run_pbt(task: DpoTask, seed: int, steps: int, beta: float, ready: int, quant
         top, bottom = order[:n], order[-n:]
         for loser in bottom:
             winner = rng.choice(top)
-            src, dst = members[winner].trainer, members[loser].trainer
-            snap = Snapshot.capture(trainable_parameters(src.model), src.optimizer, src.lr_scheduler)
-            snap.restore(trainable_parameters(dst.model), dst.optimizer, dst.lr_scheduler)
+            src, dst = TrainerHandle(members[winner].trainer), TrainerHandle(members[loser].trainer)
+            dst.restore(src.snapshot())  # the winner's weights, optimizer moments and schedule
             if rng.random() < resample_probability:
                 new_lr = math.exp(rng.uniform(math.log(LRS[0]), math.log(LRS[-1])))
             else:
                 new_lr = lrs[winner] * rng.choice([0.8, 1.2])
-            scale_learning_rate(dst.optimizer, dst.lr_scheduler, new_lr / lrs[winner])
+            dst.set_learning_rate(new_lr / lrs[winner], lasting=True)
             lrs[loser] = new_lr
             events.append({"step": round_end, "from": winner, "to": loser, "lr": new_lr})
     final = [m.val_loss() for m in members]

@@ -48,9 +48,14 @@ class DpoTask:
     def trainer(self, learning_rate: float, max_steps: int, seed: int = 0, beta: float = 0.1,
                 batch_size: int = 16, lr_scheduler_type: str = "constant", warmup_steps: int = 0,
                 callbacks: list[TrainerCallback] | None = None, output_dir: str | None = None, **overrides):
-        """A DPOTrainer with a fresh LoRA adapter on the base policy; ``seed`` picks the adapter init and data order."""
+        """A DPOTrainer with a fresh LoRA adapter on the base policy; ``seed`` picks the adapter init and data order.
+
+        A controller among ``callbacks`` is attached once the trainer is built, as the stages attach theirs (it needs
+        the trainer, which TrainerCallback events do not carry)."""
         from peft import LoraConfig
         from trl import DPOConfig, DPOTrainer
+
+        from rlhf_lm.controller.callback import ControllerCallback
 
         settings = dict(
             output_dir=output_dir or tempfile.mkdtemp(prefix="ctl-dpo-"), learning_rate=learning_rate,
@@ -66,9 +71,13 @@ class DpoTask:
         lora = LoraConfig(task_type="CAUSAL_LM", r=self.lora_r, lora_alpha=2 * self.lora_r, lora_dropout=0.0,
                           target_modules="all-linear")
         train, validation, test = self._datasets()
+        controllers = [cb for cb in callbacks or [] if isinstance(cb, ControllerCallback)]
+        others = [cb for cb in callbacks or [] if not isinstance(cb, ControllerCallback)]
         trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset={"val": validation,
                                                                                         "test": test},
-                             processing_class=self.tokenizer, peft_config=lora, callbacks=callbacks)
+                             processing_class=self.tokenizer, peft_config=lora, callbacks=others or None)
+        for controller in controllers:
+            controller.attach(trainer)
         trainer.eval_dataset, self._test = trainer.eval_dataset["val"], trainer.eval_dataset["test"]
         if "tokenized" not in self._cache:  # reuse the tokenized datasets for every later trainer
             self._cache["tokenized"] = (trainer.train_dataset, trainer.eval_dataset, self._test)

@@ -202,6 +202,28 @@ def _reward_layout_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _controller_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """A "Controller" section: per stage that ran one, its policy, final LR and beta / KL coefficient, and how many
+    decisions it made (from the ``controller`` entry of the stage's metrics.json)."""
+    lines = []
+    for prefix, values in metrics.items():
+        controller = values.get("controller")
+        if not isinstance(controller, dict):
+            continue
+        final = controller.get("final") or {}
+        number = {k: f"{v:.4g}" if isinstance(v := final.get(k), (int, float)) else "n/a"
+                  for k in ("learning_rate", "lr_multiplier", "beta")}
+        stage = f"`{prefix}`" if prefix else "this run"
+        lines.append(f"- {stage}: policy `{controller.get('policy')}`, final LR {number['learning_rate']} "
+                     f"(x{number['lr_multiplier']} of the recipe's), final beta / KL coefficient {number['beta']}, "
+                     f"{final.get('decisions', 0)} decisions (probes: {final.get('probes', 0)}, "
+                     f"rollbacks: {final.get('rollbacks', 0)}); every decision is in its metrics.json.")
+    if lines:
+        lines = ["## Controller", "", "The hyperparameter controller steered these stages (docs/controller.md):", "",
+                 *lines, ""]
+    return lines
+
+
 KEY_METRICS = ("eval/win_rate", "eval/gold_win_rate", "eval/gold_reward/policy", "eval/gold_reward/reference",
                "eval/kl", "reward/accuracy", "reward/gold_accuracy", "objective/scores", "objective/kl",
                "task/label_agreement")
@@ -260,6 +282,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
         *rows,
         "",
     ]
+    parts += _controller_lines(metrics)
     if summary:
         parts += ["## Summary", "", "```json", json.dumps(summary, indent=2, sort_keys=True), "```", ""]
     parts += ["## How to load", "", _load_snippet(repo_id, stages, base_arg), "",

@@ -33,7 +33,8 @@ def main(task: str, out: str) -> None:
                                  "compute_budget": 3.0}, stage="dpo")
     if state.process_index == 1:  # this process only
         ProbePlanner.should_probe = lambda self, decision_index: False
-    trainer, _, _ = build_trainer(cfg, callbacks=[controller])
+    trainer, _, _ = build_trainer(cfg)
+    controller.attach(trainer)
     trainer.train()
     weights = {n: p.detach().double().sum().item() for n, p in trainer.model.named_parameters() if p.requires_grad}
     record = {"probes": controller.probes, "decisions": controller.decisions, "lr_multiplier": controller.lr_multiplier,

@@ -328,7 +328,8 @@ def test_online_controller_in_reward_trainer(tiny_task_dir, tmp_path):
                                  "val_batch_size": 16, "layer_schedule": ["upper", "all"]}, "reward")
     lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"])
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                            processing_class=tokenizer, peft_config=lora, callbacks=[controller])
+                            processing_class=tokenizer, peft_config=lora)
+    controller.attach(trainer)  # after the trainer is built, as the stages attach it
     trainer.train()
     assert controller.probes >= 1 and controller.decisions >= 2
     assert all(math.isfinite(h["objective"]) for h in controller.history)

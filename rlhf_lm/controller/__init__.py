@@ -1,9 +1,13 @@
 """The hyperparameter controller: an agent that watches training and steers LR, beta / KL and LoRA layer groups.
 
-Stages call :func:`build_callback` with the recipe's ``controller:`` mapping and pass the result to their trainer::
+Stages build it before loading anything (so a bad ``controller:`` section fails first), attach it to the trainer
+they built, then put its final state into their metrics.json::
 
-    callback = build_callback(cfg.controller, stage="dpo")
-    trainer = DPOTrainer(..., callbacks=[callback] if callback else None)
+    controller = build_callback(cfg.controller, stage="dpo")  # None without a controller: section
+    trainer = DPOTrainer(...)
+    attach_controller(trainer, controller)
+    trainer.train()
+    write_json(out / "metrics.json", {..., **controller_metrics(trainer)})
 
 See docs/controller.md for the policies (rules, online probe-and-commit, learned) and every key.
 """
@@ -12,46 +16,46 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhf_lm.controller.spec import ControllerSpec
+from rlhf_lm.controller.spec import ControllerSpec, controller_objective
 from rlhf_lm.errors import ConfigError
 
 
 def make_policy(spec: ControllerSpec) -> Any:
-    from rlhf_lm.controller.policies import LearnedPolicy, RulesPolicy
+    from rlhf_lm.controller.policies import make_policy as build
 
-    if spec.policy == "learned":
-        policy = LearnedPolicy.load(spec.weights)
-        policy.increase_damping = spec.increase_damping
-        return policy
-    # online uses the rules between probes (plateau / adaptive KL / layer schedule)
-    return RulesPolicy(spec.plateau_patience, spec.plateau_factor, spec.plateau_threshold, spec.control_lr,
-                       spec.kl_target, spec.kl_horizon, spec.layer_schedule)
+    return build(spec)
 
 
-def build_callback(spec: dict | None, stage: str):
-    """A TrainerCallback running the controller described by ``spec`` (a recipe's ``controller:``), or None."""
+def build_callback(spec: dict | ControllerSpec | None, stage: str):
+    """A ControllerCallback running the controller described by ``spec`` (a recipe's ``controller:``), or None.
+    It is not attached to a trainer yet: see :func:`attach_controller`."""
     if not spec:
         return None
     from rlhf_lm.controller.callback import ControllerCallback
 
     objective = controller_objective(stage)
     parsed = spec if isinstance(spec, ControllerSpec) else ControllerSpec.from_dict(spec)
-    if parsed.policy == "online" and objective != "loss":
-        raise ConfigError(f"controller.policy 'online' probes candidates on a held-out loss, which stage '{stage}' "
-                          "does not have; use policy 'rules' or 'learned' there.")
-    return ControllerCallback(parsed, stage, make_policy(parsed))
+    policy = make_policy(parsed)
+    if getattr(policy, "probes", False) and objective != "loss":
+        raise ConfigError(f"controller.policy '{parsed.policy}' probes candidates on a held-out loss, which stage "
+                          f"'{stage}' does not have; use policy 'rules' or 'learned' there.")
+    return ControllerCallback(parsed, stage, policy)
 
 
-def controller_objective(stage: str) -> str:
-    """What the controller measures in ``stage``, from its entry in :data:`rlhf_lm.stages.STAGES` (or a custom stage
-    module's ``CONTROLLER``): "loss" on a held-out batch, or the logged "reward"."""
-    from rlhf_lm.stages import STAGES, get_stage
-
-    objective = get_stage(stage).controller if stage in STAGES or "." in stage else None
-    if objective is None:
-        steered = [name for name, entry in STAGES.items() if entry.controller]
-        raise ConfigError(f"The controller does not know stage '{stage}'; stages: {', '.join(steered)}.")
-    return objective
+def attach_controller(trainer: Any, callback: Any) -> Any:
+    """Attach ``callback`` (from :func:`build_callback`; None: no controller) to ``trainer``, built and not yet
+    training. Stages build the callback before loading anything, so a bad ``controller:`` section fails first."""
+    return callback.attach(trainer) if callback is not None else None
 
 
-__all__ = ["ControllerSpec", "build_callback", "controller_objective", "make_policy"]
+def controller_metrics(trainer: Any) -> dict[str, Any]:
+    """``{"controller": final state + decision history}`` for a stage's metrics.json, or {} without a controller."""
+    from rlhf_lm.controller.callback import ControllerCallback
+    from rlhf_lm.controller.handle import TrainerHandle
+
+    callback = TrainerHandle.find_callback(trainer, ControllerCallback)
+    return {"controller": callback.report()} if callback is not None else {}
+
+
+__all__ = ["ControllerSpec", "attach_controller", "build_callback", "controller_metrics", "controller_objective",
+           "make_policy"]

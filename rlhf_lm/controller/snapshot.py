@@ -52,5 +52,4 @@ class Snapshot:
         inner = getattr(scheduler, "scheduler", scheduler)
         if inner is not None and self.scheduler is not None:
             inner.load_state_dict(_clone(self.scheduler))
-            for group, lr in zip(optimizer.param_groups, inner.get_last_lr(), strict=False):
-                group["lr"] = lr
+        # the optimizer's LR is left as loaded: TrainerHandle.restore puts it back on the schedule (its one writer)

@@ -101,3 +101,15 @@ def parse_layer_group(group: str) -> frozenset[str]:
         raise ConfigError(f"Unknown layer group '{group}': use lower, middle, upper, 'all', or joins like "
                           "'upper+middle'.")
     return parts
+
+
+def controller_objective(stage: str) -> str:
+    """What the controller measures in ``stage``, from its entry in :data:`rlhf_lm.stages.STAGES` (or a custom stage
+    module's ``CONTROLLER``): "loss" on a held-out batch, or the logged "reward"."""
+    from rlhf_lm.stages import STAGES, get_stage
+
+    objective = get_stage(stage).controller if stage in STAGES or "." in stage else None
+    if objective is None:
+        steered = [name for name, entry in STAGES.items() if entry.controller]
+        raise ConfigError(f"The controller does not know stage '{stage}'; stages: {', '.join(steered)}.")
+    return objective

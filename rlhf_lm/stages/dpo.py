@@ -58,6 +58,7 @@ from rlhf_lm.configs import (
     _call_next_post_init,
     parse_config,
 )
+from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe, suggest
 from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded, state_bytes_per_rank
@@ -505,13 +506,10 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
         cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
     policy, ref_model, peft_config = load_policy(cfg)
     callbacks = list(callbacks or [])
-    if cfg.controller:
-        from rlhf_lm.controller import build_callback
-
-        callback = build_callback(cfg.controller, stage="dpo")
-        callbacks += [callback] if callback is not None else []
+    controller = build_callback(cfg.controller, stage="dpo")  # a bad controller: section fails here
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    attach_controller(trainer, controller)
     return trainer, tokenizer, (report, eval_report)
 
 
@@ -562,7 +560,7 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             eval_error = e
             logger.debug("The closing evaluation failed.", exc_info=True)
         if state.is_main_process:
-            write_metrics(cfg, stage, metrics, report, eval_report, eval_error)
+            write_metrics(cfg, stage, metrics, report, eval_report, eval_error, controller_metrics(trainer))
         state.wait_for_everyone()
     if eval_error is not None:
         raise EvaluationError(f"The DPO policy was trained and saved to {final_dir}, but the closing evaluation "
@@ -654,14 +652,15 @@ def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
 
 
 def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], report: DataReport,
-                  eval_report: DataReport, eval_error: Exception | None = None) -> None:
+                  eval_report: DataReport, eval_error: Exception | None = None,
+                  controller: dict[str, Any] | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline), with the evaluation's failure if any."""
     config = cfg.to_dict()
     config.pop("logging_dir", None)
     reference = ("sft_adapter" if cfg.sft_adapter_path else "base (adapters off)" if cfg.use_peft
                  else "ref_model")
     extra = {"evaluation_error": describe(eval_error)} if eval_error is not None else {}
-    write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference, **extra,
+    write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference, **extra, **(controller or {}),
                                       "data": {"train": report.as_dict(), "eval": eval_report.as_dict()},
                                       "config": json.loads(json.dumps(config, default=str))})
 

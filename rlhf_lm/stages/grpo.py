@@ -34,6 +34,7 @@ from rlhf_lm.configs import (
     TrainingDefaults,
     parse_config,
 )
+from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.errors import ConfigError, DataError
 from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded
 from rlhf_lm.logprob_tiles import FallbackLogProbTiles
@@ -141,11 +142,7 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
     reward, reward_layout = place_reward(model, tokenizer)
     reward_fn = TRLRewardFunction(reward, reward_name(cfg.reward_model))
     callbacks = list(callbacks or [])
-    if cfg.controller:
-        from rlhf_lm.controller import build_callback
-
-        callback = build_callback(cfg.controller, stage=stage)
-        callbacks += [callback] if callback is not None else []
+    controller = build_callback(cfg.controller, stage=stage)  # a bad controller: section fails here
 
     # TRL sets temperature, top_k, top_p, min_p and repetition_penalty from the config, but min_p's default (None)
     # and every option it does not set are filled from the checkpoint's generation_config: pin them to neutral, as
@@ -161,6 +158,7 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
             trainer = trainer_cls(model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=train,
                                   eval_dataset=eval_ds if cfg.eval_strategy != "no" else None,
                                   processing_class=tokenizer, callbacks=callbacks)
+            attach_controller(trainer, controller)
             start = time.perf_counter()
             result = trainer.train(resume_from_checkpoint=resume or None)
             runtime = time.perf_counter() - start
@@ -179,7 +177,7 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
                                             "distributed_type": str(trainer.accelerator.distributed_type),
                                             "data_report": report.as_dict(), "reward_layout": reward_layout,
                                             "log_history": history,
-                                            "config": cfg.to_dict()})
+                                            "config": cfg.to_dict(), **controller_metrics(trainer)})
     return metrics
 
 

@@ -29,6 +29,7 @@ from rlhf_lm.configs import (
     _call_next_post_init,
     parse_config,
 )
+from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.errors import ConfigError
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
@@ -92,11 +93,7 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     # A reward-stage adapter trained on the same base goes onto the policy's weights (one base copy of the weights).
     reward, reward_layout = place_reward(model, tokenizer)
     callbacks = list(callbacks or [])  # our trainer sends transformers' TrainerCallback events, as TRL's do
-    if cfg.controller:
-        from rlhf_lm.controller import build_callback
-
-        callback = build_callback(cfg.controller, stage="ppo")
-        callbacks += [callback] if callback is not None else []
+    controller = build_callback(cfg.controller, stage="ppo")  # a bad controller: section fails here
 
     final_dir = cfg.output_dir
     with staged_output(final_dir, stage="ppo", overwrite=cfg.overwrite_output_dir,
@@ -106,6 +103,7 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             trainer = PPOTrainer(model, cfg, tokenizer, reward, train["prompt"],
                                  eval_prompts=eval_ds["prompt"] if eval_ds is not None else None,
                                  callbacks=callbacks, data_report=report)
+            attach_controller(trainer, controller)
             logger.info(trainer.data_report.summary())
             start = time.perf_counter()
             final = trainer.train(resume_from_checkpoint=resume)
@@ -126,6 +124,7 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
                 "reward_layout": reward_layout,
                 "log_history": trainer.state.log_history,
                 "config": cfg.to_dict(),
+                **controller_metrics(trainer),
             })
     return final
 

@@ -49,6 +49,7 @@ from rlhf_lm.configs import (
     _call_next_post_init,
     parse_config,
 )
+from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
 from rlhf_lm.fsdp import ShardedOnCPU, fsdp_requested, full_state_dict, is_sharded, state_bytes_per_rank
@@ -244,11 +245,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
 
     peft_config = lora_config_from_args(cfg, task_type="SEQ_CLS", modules_to_save=[head])
     callbacks = list(callbacks or [])
-    if cfg.controller:
-        from rlhf_lm.controller import build_callback
-
-        callback = build_callback(cfg.controller, stage="reward")
-        callbacks += [callback] if callback is not None else []
+    controller = build_callback(cfg.controller, stage="reward")  # a bad controller: section fails here
 
     final_dir = cfg.output_dir
     staging = (staged_output(final_dir, stage="reward", overwrite=cfg.overwrite_output_dir,
@@ -260,6 +257,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
         try:
             trainer = RewardTrainer(model=model, args=cfg, train_dataset=train, eval_dataset=eval_ds,
                                     processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+            attach_controller(trainer, controller)
             for ds, prepared, rep in ((train, trainer.train_dataset, report), (eval_ds, trainer.eval_dataset,
                                                                              eval_report)):
                 if ds is not None and len(prepared) < len(ds):  # tokenising prompt+response can differ by a token
@@ -350,6 +348,7 @@ def write_metrics(cfg, trainer, stage: Path, metrics: dict[str, float], extra: d
         **({"evaluation_error": describe(error)} if error is not None else {}),
         "data": {"train": report.as_dict(), "eval": eval_report.as_dict()}, "config": config,
         "log_history": trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
+        **controller_metrics(trainer),
     })
 
 

@@ -21,6 +21,17 @@ class Decision:
 
 
 class Policy(Protocol):
+    """A controller policy. ``decide`` maps the scale-free features (rlhf_lm.controller.state.FEATURES) to a Decision;
+    its state goes into every checkpoint. Optional: ``observe(objective)``, called with the held-out objective at each
+    decision before ``decide``.
+
+    ``probes``: the policy wants probe-and-commit (rlhf_lm.controller.probe) at the decisions the compute budget
+    allows, and decides by itself in between. Probing needs a held-out loss, so such a policy runs only in stages
+    whose controller objective is "loss". A policy without the attribute does not probe.
+    """
+
+    probes: bool
+
     def decide(self, features: dict[str, float]) -> Decision: ...
 
     def state_dict(self) -> dict[str, Any]: ...

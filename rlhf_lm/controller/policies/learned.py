@@ -39,6 +39,8 @@ def features_to_tensor(features: dict[str, float], names: list[str] | tuple[str,
 
 
 class LearnedPolicy:
+    probes = False  # it learned from probe outcomes so that it need not probe at run time
+
     def __init__(self, network: QNetwork, factors: list[float], feature_names: list[str],
                  mean: torch.Tensor, std: torch.Tensor):
         self.network, self.factors, self.feature_names = network.eval(), list(factors), list(feature_names)

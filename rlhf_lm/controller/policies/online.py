@@ -1,4 +1,4 @@
-"""Online probe-and-commit: when to probe, and which candidate to commit (the trainer-side loop is in callback.py).
+"""Online probe-and-commit: the policy, when to probe, and which candidate to commit (the loop is in probe.py).
 
 At a probe the controller snapshots adapter + optimizer, trains each candidate LR factor for ``probe_steps`` on the
 same batches, scores each on the same held-out batch, and keeps the best candidate's weights and optimizer state
@@ -10,6 +10,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from rlhf_lm.controller.policies.rules import RulesPolicy
+
+
+class OnlinePolicy(RulesPolicy):
+    """Probe-and-commit at the decisions the compute budget allows (the spec's ``candidates``, ``probe_steps``,
+    ``compute_budget``, ``probe_every``); the rules (plateau, adaptive KL, layer schedule) decide in between."""
+
+    probes = True
 
 
 @dataclass

@@ -41,6 +41,8 @@ def layer_phase(schedule: list[str] | None, progress: float) -> str | None:
 class RulesPolicy:
     """Reduce the LR when the held-out objective plateaus, steer beta toward a KL target, follow a layer schedule."""
 
+    probes = False
+
     def __init__(self, patience: int = 2, factor: float = 0.5, threshold: float = 1e-3, control_lr: bool = True,
                  kl_target: float | None = None, kl_horizon: float = 10.0, layer_schedule: list[str] | None = None):
         self.patience, self.factor, self.threshold = patience, factor, threshold
