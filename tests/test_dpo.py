@@ -17,14 +17,13 @@ from rlhf_lm.configs import config_from_dict, parse_config
 from rlhf_lm.data import DataReport
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError
 from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+from rlhf_lm.preference_tokens import apply_length_limit, tokenize_pairs
 from rlhf_lm.stages.dpo import (
     LOSS_TYPES,
     DPOStageConfig,
-    apply_length_limit,
     build_trainer,
     passes_over_data,
     run,
-    tokenize_pairs,
 )
 
 
@@ -378,7 +377,7 @@ def test_on_data_outside_the_task_the_generation_eval_uses_the_held_out_pairs_pr
 
 
 def test_long_prompts_are_cut_from_the_left_and_only_impossible_pairs_dropped():
-    from rlhf_lm.stages.dpo import apply_length_limit
+    from rlhf_lm.preference_tokens import apply_length_limit
 
     rows = [{"prompt_ids": list(range(1, 9)), "chosen_ids": [20, 21], "rejected_ids": [30, 31, 32]},  # 8 + 3 > 6
             {"prompt_ids": [1, 2], "chosen_ids": [20], "rejected_ids": [30]},  # fits

@@ -168,7 +168,7 @@ def load_models(cfg: EvaluateStageConfig):
 def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, float]:  # trains nothing: no events
     from rlhf_lm.data import hh_as_messages, load_rows, normalize_prompts
     from rlhf_lm.evaluation import evaluate_policy
-    from rlhf_lm.stages.dpo import task_root
+    from rlhf_lm.task import task_eval_prompts, task_root
 
     if not cfg.policy_path:
         raise ConfigError("Set policy_path: the output dir of a dpo / ppo / grpo stage (or any model dir).")
@@ -177,9 +177,7 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
     check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
     policy, reference, tokenizer = load_models(cfg)
     trained = _training_config(cfg.policy_path)
-    prompts_source = cfg.prompts
-    if prompts_source is None and (root := task_root(trained.get("dataset_name"))) is not None:
-        prompts_source = str(root / "data" / "prompts_eval.jsonl")
+    prompts_source = cfg.prompts if cfg.prompts is not None else task_eval_prompts(trained.get("dataset_name"))
     if prompts_source is not None:
         prompts = normalize_prompts(load_rows(prompts_source, cfg.prompts_split), cfg.prompt_column,
                                     hh_as_messages(trained_or_auto(trained), tokenizer))[0]["prompt"]
@@ -209,7 +207,7 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
 def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer, data: dict) -> dict[str, float]:
     from rlhf_lm.data import load_rows, normalize_preferences
     from rlhf_lm.evaluation import implicit_reward_accuracy
-    from rlhf_lm.stages.dpo import apply_length_limit, tokenize_pairs
+    from rlhf_lm.preference_tokens import apply_length_limit, tokenize_pairs
 
     pairs, report = normalize_preferences(load_rows(cfg.pairs, cfg.pairs_split))
     tokenized = apply_length_limit(tokenize_pairs(pairs, tokenizer), cfg.max_length, "drop", report)

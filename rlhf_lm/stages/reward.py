@@ -64,6 +64,7 @@ from rlhf_lm.reward_metrics import preference_metrics
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
 from rlhf_lm.speed import LengthGroupedBatches
+from rlhf_lm.task import task_root
 
 logger = logging.getLogger(__name__)
 
@@ -115,17 +116,6 @@ CONFIG = RewardStageConfig
 class RewardTrainer(ShardedOnCPU, AtomicCheckpoints, LengthGroupedBatches, trl.RewardTrainer):
     """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`), atomic
     checkpoints (:class:`rlhf_lm.artifacts.AtomicCheckpoints`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`)."""
-
-
-def task_root(dataset_name: str | None) -> Path | None:
-    """The built-in task directory the data comes from (it holds task.json), or None."""
-    if not dataset_name:
-        return None
-    path = Path(dataset_name)
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "task.json").is_file():
-            return candidate
-    return None
 
 
 def _head_name(model: torch.nn.Module) -> str:
