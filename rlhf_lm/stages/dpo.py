@@ -35,14 +35,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
 import trl
 from accelerate import PartialState
 from datasets import Dataset
 
 from rlhf_lm.artifacts import (
     METRICS_FILE,
-    AtomicCheckpoints,
     check_output_dir,
     partial_dir,
     resolve_resume,
@@ -60,8 +58,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe, suggest
-from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded, state_bytes_per_rank
-from rlhf_lm.logprob_tiles import FallbackLogProbTiles
+from rlhf_lm.fsdp import full_state_dict, is_sharded, state_bytes_per_rank
 from rlhf_lm.modeling import (
     count_parameters,
     load_causal_lm,
@@ -69,9 +66,9 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.preference_tokens import LENGTH_MODES, TOKEN_COLUMNS, prepare_pairs, token_cache_dir
-from rlhf_lm.speed import LengthGroupedBatches, fast_reference_fingerprint, in_length_order, with_length_column
+from rlhf_lm.preference_tokens import LENGTH_MODES, prepare_pairs, token_cache_dir
 from rlhf_lm.task import task_eval_prompts, task_root
+from rlhf_lm.trainers import DPOTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -196,45 +193,6 @@ def check_dpo_args(cfg: DPOStageConfig) -> None:
         logger.warning("A full fine-tune with dtype: %s and no DeepSpeed/FSDP keeps no float32 master weights, so "
                        "small updates round away. Load float32 weights (dtype: float32) with bf16: true for mixed "
                        "precision, or launch with a DeepSpeed/FSDP config.", cfg.dtype)
-
-
-class DPOTrainer(ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, LengthGroupedBatches, trl.DPOTrainer):
-    """TRL's DPOTrainer, taking data already tokenized by :func:`tokenize_pairs` as it is, with length-grouped
-    batches (:class:`rlhf_lm.speed.LengthGroupedBatches`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`).
-
-    Checkpoints are written atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`); on CPU the fused LM head runs
-    in small tiles (:mod:`rlhf_lm.logprob_tiles`, 2.7 GB less peak memory on the 135M real model). TRL 1.16 re-runs its per-row
-    tokenization on every dataset it is given; this skips that work when the token columns are already there (and
-    still tokenizes anything else the usual way). Precomputed reference log-probs are scored in length order, and
-    cached under a fingerprint of the model that takes 0.1 s instead of TRL's 12 s at 1.5B
-    (:func:`rlhf_lm.speed.fingerprint_module`).
-    """
-
-    def __init__(self, *args, **kwargs):
-        import trl.trainer.dpo_trainer
-
-        with fast_reference_fingerprint(trl.trainer.dpo_trainer):
-            super().__init__(*args, **kwargs)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if isinstance(dataset, Dataset) and set(TOKEN_COLUMNS) <= set(dataset.column_names):
-            return with_length_column(dataset, args)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        score = super()._precompute_ref_logps
-        if not isinstance(dataset, Dataset):
-            return score(dataset, name, batch_size)
-        # TRL 1.16's evaluate() scores the reference again on a dataset that already carries its reference
-        # log-probs (e.g. trainer.evaluate(trainer.train_dataset)) and then fails on the duplicate columns.
-        if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
-            return dataset
-        # TRL's one pass walks the pairs in stored order, batches as padded as random ones: sort them instead. Its
-        # dataloader draws a seed from the global RNG, and TRL skips the pass when its cache holds the result: fork
-        # the RNG, so training batches come out the same whether the cache was warm or cold.
-        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return in_length_order(dataset, lambda rows: score(rows, name, batch_size))
 
 
 def load_pairs(cfg: DPOStageConfig, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport, DataReport]:

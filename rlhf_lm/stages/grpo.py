@@ -21,7 +21,6 @@ from trl import GRPOConfig
 
 from rlhf_lm.artifacts import (
     METRICS_FILE,
-    AtomicCheckpoints,
     check_output_dir,
     resolve_resume,
     staged_output,
@@ -35,10 +34,10 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.errors import ConfigError, DataError
-from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded
-from rlhf_lm.logprob_tiles import FallbackLogProbTiles
+from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
+from rlhf_lm.trainers import with_atomic_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +97,6 @@ class GRPOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, Controll
 
 
 CONFIG = GRPOStageConfig
-
-
-def with_atomic_checkpoints(trainer_cls: type) -> type:
-    """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`), with FSDP2
-    on CPU ranks (:class:`rlhf_lm.fsdp.ShardedOnCPU`) and small log-prob tiles on CPU (:mod:`rlhf_lm.logprob_tiles`)."""
-    return type(trainer_cls.__name__, (ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, trainer_cls), {})
 
 
 def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> dict[str, float]:

@@ -28,12 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import trl
 from trl import RewardConfig
 
 from rlhf_lm.artifacts import (
     METRICS_FILE,
-    AtomicCheckpoints,
     check_output_dir,
     partial_dir,
     resolve_resume,
@@ -51,7 +49,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
-from rlhf_lm.fsdp import ShardedOnCPU, fsdp_requested, full_state_dict, is_sharded, state_bytes_per_rank
+from rlhf_lm.fsdp import fsdp_requested, full_state_dict, is_sharded, state_bytes_per_rank
 from rlhf_lm.modeling import (
     count_parameters,
     ensure_special_tokens,
@@ -63,8 +61,8 @@ from rlhf_lm.modeling import (
 from rlhf_lm.reward_metrics import preference_metrics
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
-from rlhf_lm.speed import LengthGroupedBatches
 from rlhf_lm.task import task_root
+from rlhf_lm.trainers import RewardTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +109,6 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
 
 
 CONFIG = RewardStageConfig
-
-
-class RewardTrainer(ShardedOnCPU, AtomicCheckpoints, LengthGroupedBatches, trl.RewardTrainer):
-    """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`), atomic
-    checkpoints (:class:`rlhf_lm.artifacts.AtomicCheckpoints`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`)."""
 
 
 def _head_name(model: torch.nn.Module) -> str:
