@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,10 +40,6 @@ from datasets import Dataset
 
 from rlhf_lm.artifacts import (
     METRICS_FILE,
-    check_output_dir,
-    partial_dir,
-    resolve_resume,
-    staged_output,
     write_json,
 )
 from rlhf_lm.configs import (
@@ -58,7 +53,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe, suggest
-from rlhf_lm.fsdp import full_state_dict, is_sharded, state_bytes_per_rank
+from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.modeling import (
     count_parameters,
     load_causal_lm,
@@ -67,6 +62,14 @@ from rlhf_lm.modeling import (
     quantization_kwargs,
 )
 from rlhf_lm.preference_tokens import LENGTH_MODES, prepare_pairs, token_cache_dir
+from rlhf_lm.stages.common import (
+    check_output_and_resume,
+    checkpoints_in,
+    closing_eval_prompts,
+    config_record,
+    staging,
+    train_metrics,
+)
 from rlhf_lm.task import task_eval_prompts, task_root
 from rlhf_lm.trainers import DPOTrainer
 
@@ -221,16 +224,14 @@ def load_pairs(cfg: DPOStageConfig, tokenizer=None) -> tuple[Dataset, Dataset | 
 def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
     """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
     held-out pairs that no training pair has."""
-    from rlhf_lm.data import normalize_prompts, unseen_prompts
+    from rlhf_lm.data import unseen_prompts
 
-    source = cfg.eval_prompts if cfg.eval_prompts is not None else task_eval_prompts(cfg.dataset_name)
-    if source is not None:
-        prompts = normalize_prompts(load_rows(source, "train"), cfg.prompt_column,
-                                    hh_as_messages(cfg, tokenizer))[0]["prompt"]
-    else:
+    def unseen_held_out_prompts() -> list[Any]:
         train, held_out, _, _ = load_pairs(cfg, tokenizer)
-        prompts = unseen_prompts(held_out, train)
-    return prompts[: cfg.eval_num_prompts] if cfg.eval_num_prompts else prompts
+        return unseen_prompts(held_out, train)
+
+    return closing_eval_prompts(cfg.eval_prompts, "train", cfg.prompt_column, hh_as_messages(cfg, tokenizer),
+                                cfg.dataset_name, unseen_held_out_prompts, cfg.eval_num_prompts)[0]
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -307,29 +308,17 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     closing evaluation, so an evaluation failure leaves it in place (and says how to re-run only the evaluation).
     """
     state = PartialState()
-    final_dir = cfg.output_dir
-    check_output_dir(final_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
-    resume = resolve_resume(final_dir, cfg.resume_from_checkpoint)
+    resume = check_output_and_resume(cfg)
     judge, prompts = load_judge(cfg)
-    staging = (staged_output(final_dir, stage="dpo", overwrite=cfg.overwrite_output_dir,
-                             resume=cfg.resume_from_checkpoint, drop_checkpoints=True)
-               if state.is_main_process else nullcontext(partial_dir(final_dir)))
     eval_error: Exception | None = None
-    with staging as stage:
-        cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
-        try:
+    with staging(cfg, "dpo") as stage:
+        with checkpoints_in(cfg, stage):
             trainer, tokenizer, (report, eval_report) = build_trainer(cfg, callbacks)
             trainable, total = count_parameters(trainer.model)
             logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
                         "LoRA" if cfg.use_peft else "full fine-tune")
             result = trainer.train(resume_from_checkpoint=resume)
-        finally:
-            cfg.output_dir = final_dir
-        metrics: dict[str, float] = {"train/loss": result.training_loss,
-                                     "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
-                                     "train/steps": float(trainer.state.global_step),
-                                     "train/trainable_params": float(trainable),
-                                     **state_bytes_per_rank(trainer.model, trainer.optimizer)}
+        metrics = train_metrics(result, trainer, trainable, steps=True)
         # Under FSDP the policy is sharded: saving gathers it and every forward (generation included) is collective,
         # so every rank takes part in both, on the same prompts with the same seed; only the main process writes.
         every_rank = is_sharded(trainer.model)
@@ -349,7 +338,7 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             write_metrics(cfg, stage, metrics, report, eval_report, eval_error)
         state.wait_for_everyone()
     if eval_error is not None:
-        raise EvaluationError(f"The DPO policy was trained and saved to {final_dir}, but the closing evaluation "
+        raise EvaluationError(f"The DPO policy was trained and saved to {cfg.output_dir}, but the closing evaluation "
                               f"failed: {describe(eval_error).rstrip('.')}. Re-run only the evaluation with: "
                               f"{evaluate_command(cfg)}") from eval_error
     return metrics
@@ -439,8 +428,7 @@ def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
 def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], report: DataReport,
                   eval_report: DataReport, eval_error: Exception | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline), with the evaluation's failure if any."""
-    config = cfg.to_dict()
-    config.pop("logging_dir", None)
+    config = config_record(cfg)
     reference = ("sft_adapter" if cfg.sft_adapter_path else "base (adapters off)" if cfg.use_peft
                  else "ref_model")
     extra = {"evaluation_error": describe(eval_error)} if eval_error is not None else {}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +31,6 @@ from trl import RewardConfig
 
 from rlhf_lm.artifacts import (
     METRICS_FILE,
-    check_output_dir,
-    partial_dir,
-    resolve_resume,
-    staged_output,
     write_json,
 )
 from rlhf_lm.configs import (
@@ -49,7 +44,7 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
-from rlhf_lm.fsdp import fsdp_requested, full_state_dict, is_sharded, state_bytes_per_rank
+from rlhf_lm.fsdp import fsdp_requested, full_state_dict, is_sharded
 from rlhf_lm.modeling import (
     count_parameters,
     ensure_special_tokens,
@@ -61,6 +56,7 @@ from rlhf_lm.modeling import (
 from rlhf_lm.reward_metrics import preference_metrics
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
+from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in, config_record, staging, train_metrics
 from rlhf_lm.task import task_root
 from rlhf_lm.trainers import RewardTrainer
 
@@ -197,8 +193,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
     if cfg.merge_adapter and fsdp_requested():
         raise ConfigError("merge_adapter: true is not supported under FSDP: a sharded model cannot be merged in "
                           "place. Remove merge_adapter from the recipe and merge the saved adapter in one process.")
-    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resume = check_output_and_resume(cfg)
     tokenizer = load_reward_tokenizer(cfg)
     check_length_room(cfg.max_length, tokenizer)
     train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
@@ -233,14 +228,9 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
         callback = build_callback(cfg.controller, stage="reward")
         callbacks += [callback] if callback is not None else []
 
-    final_dir = cfg.output_dir
-    staging = (staged_output(final_dir, stage="reward", overwrite=cfg.overwrite_output_dir,
-                             resume=cfg.resume_from_checkpoint, drop_checkpoints=True)
-               if state.is_main_process else nullcontext(partial_dir(final_dir)))
     measure_error: Exception | None = None
-    with staging as stage:
-        cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
-        try:
+    with staging(cfg, "reward") as stage:
+        with checkpoints_in(cfg, stage):
             trainer = RewardTrainer(model=model, args=cfg, train_dataset=train, eval_dataset=eval_ds,
                                     processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
             for ds, prepared, rep in ((train, trainer.train_dataset, report), (eval_ds, trainer.eval_dataset,
@@ -255,13 +245,8 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
             logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
                         "LoRA + head" if peft_config else "full fine-tune")
             result = trainer.train(resume_from_checkpoint=resume)
-        finally:
-            cfg.output_dir = final_dir
 
-        metrics: dict[str, float] = {"train/loss": result.training_loss,
-                                     "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
-                                     "train/trainable_params": float(trainable),
-                                     **state_bytes_per_rank(trainer.model, trainer.optimizer)}
+        metrics = train_metrics(result, trainer, trainable)
         # Under FSDP the model is sharded: saving gathers it and every forward is collective, so every rank takes
         # part in both (the same texts on each, so they stay in step); only the main process writes.
         sharded = is_sharded(trainer.model)
@@ -278,7 +263,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
                           measure_error)
         state.wait_for_everyone()
     if measure_error is not None:
-        raise EvaluationError(f"The reward model was trained and saved to {final_dir}, but measuring it failed: "
+        raise EvaluationError(f"The reward model was trained and saved to {cfg.output_dir}, but measuring it failed: "
                               f"{describe(measure_error).rstrip('.')}. Its metrics.json lacks the evaluation and "
                               "reward_mean / reward_std; fix the cause and re-run the stage with "
                               "--overwrite_output_dir true.") from measure_error
@@ -323,8 +308,7 @@ def measure(cfg, trainer, tokenizer, train, eval_ds) -> dict[str, Any]:
 def write_metrics(cfg, trainer, stage: Path, metrics: dict[str, float], extra: dict[str, Any], report: DataReport,
                   eval_report: DataReport, is_peft: bool, error: Exception | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline)."""
-    config = cfg.to_dict()
-    config.pop("logging_dir", None)
+    config = config_record(cfg)
     base = Path(cfg.model_name_or_path)
     # Where the base is relative to the artifact, so the pair of folders can move together (see ClassifierReward).
     relative = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve()) if is_peft and base.is_dir() else None
