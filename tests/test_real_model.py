@@ -260,8 +260,8 @@ def judge(pipeline_run) -> ClassifierReward:
 def test_reward_model_learns_the_preference_and_reloads_exactly(pipeline_run, real_model_dir, data, judge):
     from transformers import set_seed
 
+    from rlhf_lm.evaluation import evaluate_pairs
     from rlhf_lm.modeling import load_sequence_classifier
-    from rlhf_lm.stages.reward import evaluate_pairs
 
     out = pipeline_run / "reward"
     saved = json.loads((out / "metrics.json").read_text())

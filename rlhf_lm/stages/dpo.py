@@ -52,13 +52,13 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
-from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe, suggest
+from rlhf_lm.errors import ConfigError, DataError, EvaluationError, describe, suggest
 from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.modeling import (
     count_parameters,
     load_causal_lm,
+    load_policy_and_reference,
     load_tokenizer,
-    lora_config_from_args,
     quantization_kwargs,
 )
 from rlhf_lm.preference_tokens import LENGTH_MODES, prepare_pairs, token_cache_dir
@@ -235,26 +235,6 @@ def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-def load_policy(cfg: DPOStageConfig):
-    """(policy, ref_model, peft_config) as DPOTrainer wants them for LoRA, LoRA-on-SFT, or a full fine-tune."""
-    kwargs = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                  allow_pickle_weights=cfg.allow_pickle_weights)
-    policy = load_causal_lm(cfg.model_name_or_path, **kwargs, sharded_by_trainer=True, **quantization_kwargs(cfg))
-    if cfg.sft_adapter_path:
-        from peft import PeftModel
-
-        if not (Path(cfg.sft_adapter_path) / "adapter_config.json").is_file():
-            raise ArtifactError(f"sft_adapter_path {cfg.sft_adapter_path} holds no adapter_config.json; point it at "
-                                "a saved LoRA adapter (an SFT stage's output).")
-        # No peft_config: DPOTrainer then trains this adapter and keeps a frozen copy ("ref") as the reference.
-        return PeftModel.from_pretrained(policy, cfg.sft_adapter_path, is_trainable=True), None, None
-    if cfg.use_peft:
-        return policy, None, lora_config_from_args(cfg)
-    if cfg.precompute_ref_log_probs and not cfg.ref_model_name_or_path:
-        return policy, None, None  # TRL scores the reference with the untouched policy before the first step
-    return policy, load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, **kwargs), None
-
-
 def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
     """How many times training visits each pair: num_train_epochs, or what max_steps amounts to."""
     if cfg.max_steps <= 0:
@@ -288,7 +268,7 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
 
     if cfg.precompute_ref_log_probs is None:
         cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
-    policy, ref_model, peft_config = load_policy(cfg)
+    policy, ref_model, peft_config = load_policy_and_reference(cfg)
     callbacks = list(callbacks or [])
     if cfg.controller:
         from rlhf_lm.controller import build_callback

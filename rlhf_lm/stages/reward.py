@@ -44,16 +44,17 @@ from rlhf_lm.configs import (
 )
 from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
+from rlhf_lm.evaluation import evaluate_pairs
 from rlhf_lm.fsdp import fsdp_requested, full_state_dict, is_sharded
 from rlhf_lm.modeling import (
+    check_length_room,
+    classifier_head_name,
     count_parameters,
-    ensure_special_tokens,
+    load_reward_tokenizer,
     load_sequence_classifier,
-    load_tokenizer,
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.reward_metrics import preference_metrics
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
 from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in, config_record, staging, train_metrics
@@ -107,14 +108,6 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
 CONFIG = RewardStageConfig
 
 
-def _head_name(model: torch.nn.Module) -> str:
-    """The classification head to train in full and save with the adapter: `score` (decoders), `classifier` (BERT)."""
-    for name in ("score", "classifier"):
-        if hasattr(model, name):
-            return name
-    raise ConfigError(f"{type(model).__name__} has no `score` or `classifier` head; cannot train it as a reward model.")
-
-
 def _check_head_saved(directory: Path, head: str) -> None:
     from safetensors import safe_open
 
@@ -122,64 +115,6 @@ def _check_head_saved(directory: Path, head: str) -> None:
         if not any(f".{head}." in key for key in f.keys()):
             raise ArtifactError(f"The saved adapter in {directory} lacks the `{head}` head; the reward model would "
                                 "reload with a random head. Keep it in lora_modules_to_save.")
-
-
-def _text_len(value: Any, tokenizer) -> int:
-    text = value if isinstance(value, str) else " ".join(m["content"] for m in value)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def evaluate_pairs(reward: ClassifierReward, pairs, gold: bool = False) -> dict[str, float]:
-    """All reward metrics on prompt/chosen/rejected rows, scored by ``reward`` as it will be scored downstream."""
-    prompts, chosen, rejected = pairs["prompt"], pairs["chosen"], pairs["rejected"]
-    r_c, r_r = reward.raw_scores(prompts, chosen), reward.raw_scores(prompts, rejected)
-    lens_c = torch.tensor([_text_len(c, reward.tokenizer) for c in chosen])
-    lens_r = torch.tensor([_text_len(r, reward.tokenizer) for r in rejected])
-    gold_c = gold_r = None
-    if gold:
-        from rlhf_lm.task import gold_reward
-
-        gold_c = torch.tensor([gold_reward(p, c) for p, c in zip(prompts, chosen, strict=True)])
-        gold_r = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, rejected, strict=True)])
-    return preference_metrics(r_c, r_r, lens_c, lens_r, gold_c, gold_r)
-
-
-def load_reward_tokenizer(cfg: RewardStageConfig):
-    """The backbone's tokenizer with the EOS token RewardTrainer appends (``eos_token`` in the recipe wins; BERT-style
-    tokenizers use SEP) and a pad token; a clear ConfigError when neither can be found."""
-    source = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    try:
-        tokenizer = load_tokenizer(source, padding_side="right", trust_remote_code=cfg.trust_remote_code)
-    except ConfigError:  # neither pad nor EOS: fine only if the recipe names the EOS token to use
-        if cfg.eos_token is None:
-            raise ConfigError(f"The tokenizer of {source} has no EOS, SEP or pad token; RewardTrainer ends every "
-                              "text with EOS and the classifier reads its score there. Set eos_token in the recipe "
-                              "to a token of its vocabulary.") from None
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-        tokenizer.padding_side = "right"
-    if cfg.eos_token is not None:
-        if cfg.eos_token not in tokenizer.get_vocab():
-            raise ConfigError(f"eos_token '{cfg.eos_token}' is not in the vocabulary of the tokenizer of {source}. "
-                              "Choose one of its tokens.")
-        tokenizer.eos_token = cfg.eos_token
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = cfg.eos_token
-    ensure_special_tokens(tokenizer, source=source, require_eos=True)
-    return tokenizer
-
-
-def check_length_room(max_length: int | None, tokenizer) -> None:
-    """``max_length`` must fit a prompt token, a response token, the EOS RewardTrainer appends and the tokenizer's
-    own special tokens; otherwise TRL drops every pair and fails deep in its sampler."""
-    if max_length is None:
-        return
-    needed = 3 + tokenizer.num_special_tokens_to_add()
-    if max_length < needed:
-        raise ConfigError(f"max_length={max_length} leaves no room for a prompt and a response: this tokenizer needs "
-                          f"at least {needed} tokens (one of prompt, one of response, EOS and its special tokens). "
-                          "Raise max_length.")
 
 
 def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, float]:
@@ -202,7 +137,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
         model = load_sequence_classifier(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                          allow_pickle_weights=cfg.allow_pickle_weights, sharded_by_trainer=True,
                                          **quantization_kwargs(cfg))
-    head = _head_name(model)
+    head = classifier_head_name(model)
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if cfg.max_length is None or (limit and cfg.max_length > limit):
