@@ -321,7 +321,7 @@ def implicit_reward_accuracy(policy, tokenizer, pairs, beta: float, *, reference
                              batch_size: int = 64) -> dict[str, float]:
     """DPO's implicit-reward accuracy and margin on tokenized pairs, without a trainer.
 
-    ``pairs`` has ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (``rlhf_lm.preference_tokens.tokenize_pairs``). The
+    ``pairs`` has ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (``rlhf_lm.preference_pairs.tokenize_pairs``). The
     implicit reward is ``beta * (sum log pi(y|x) - sum log pi_ref(y|x))`` over the completion tokens, as in TRL's
     DPOTrainer; this is what ``rlhf-lm evaluate`` uses for a saved policy (inside a training run the stage reads the
     same numbers from ``DPOTrainer.evaluate()``; the tests check that the two agree). TRL averages per-batch means,

@@ -18,12 +18,12 @@ from datasets import Dataset
 from rlhf_lm.artifacts import AtomicCheckpoints
 from rlhf_lm.fsdp import ShardedOnCPU
 from rlhf_lm.logprob_tiles import FallbackLogProbTiles
-from rlhf_lm.preference_tokens import TOKEN_COLUMNS
+from rlhf_lm.preference_pairs import TOKEN_COLUMNS
 from rlhf_lm.speed import LengthGroupedBatches, fast_reference_fingerprint, in_length_order, with_length_column
 
 
 class DPOTrainer(ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, LengthGroupedBatches, trl.DPOTrainer):
-    """TRL's DPOTrainer, taking data already tokenized by :func:`rlhf_lm.preference_tokens.tokenize_pairs` as it
+    """TRL's DPOTrainer, taking data already tokenized by :func:`rlhf_lm.preference_pairs.tokenize_pairs` as it
     is, with length-grouped batches (:class:`rlhf_lm.speed.LengthGroupedBatches`) and FSDP2 on CPU ranks
     (:mod:`rlhf_lm.fsdp`).
 

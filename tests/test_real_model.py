@@ -634,7 +634,7 @@ def test_ppo_rollouts_sample_the_plain_softmax_from_the_prompt_tokens_dpo_trains
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
     from rlhf_lm.ppo import PPOConfig, PPOTrainer
     from rlhf_lm.ppo.rollout import collect_rollout
-    from rlhf_lm.preference_tokens import tokenize_pairs
+    from rlhf_lm.preference_pairs import tokenize_pairs
     from rlhf_lm.rewards import FunctionReward
 
     path = str(checkpoint_with_sampling_settings)

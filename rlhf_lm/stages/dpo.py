@@ -31,17 +31,12 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import trl
 from accelerate import PartialState
-from datasets import Dataset
 
-from rlhf_lm.artifacts import (
-    METRICS_FILE,
-    write_json,
-)
+from rlhf_lm.artifacts import METRICS_FILE, write_json
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -51,8 +46,8 @@ from rlhf_lm.configs import (
     _call_next_post_init,
     parse_config,
 )
-from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
-from rlhf_lm.errors import ConfigError, DataError, EvaluationError, describe, suggest
+from rlhf_lm.data import DataReport, hh_as_messages
+from rlhf_lm.errors import ConfigError, EvaluationError, describe, suggest
 from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.modeling import (
     count_parameters,
@@ -61,7 +56,7 @@ from rlhf_lm.modeling import (
     load_tokenizer,
     quantization_kwargs,
 )
-from rlhf_lm.preference_tokens import LENGTH_MODES, prepare_pairs, token_cache_dir
+from rlhf_lm.preference_pairs import LENGTH_MODES, load_pairs, prepare_pairs, token_cache_dir
 from rlhf_lm.stages.common import (
     check_output_and_resume,
     checkpoints_in,
@@ -198,88 +193,6 @@ def check_dpo_args(cfg: DPOStageConfig) -> None:
                        "precision, or launch with a DeepSpeed/FSDP config.", cfg.dtype)
 
 
-def load_pairs(cfg: DPOStageConfig, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport, DataReport]:
-    """Train / held-out pairs from the config, each with its report (``tokenizer`` decides ``hh_format: auto``)."""
-    if cfg.eval_dataset_name:  # the held-out pairs live elsewhere: train on all of dataset_name
-        keys = ("dataset_name", "dataset_config", "dataset_train_split", "data_format", "hh_format", "prompt_column",
-                "chosen_column", "rejected_column", "max_train_samples", "max_eval_samples")
-        train_args = SimpleNamespace(**{k: getattr(cfg, k) for k in keys}, dataset_eval_split=None, eval_fraction=0.0)
-        train, _, report = load_preference_data(train_args, seed=cfg.seed, tokenizer=tokenizer)
-    else:
-        train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
-    if cfg.eval_dataset_name:
-        rows = load_rows(cfg.eval_dataset_name, cfg.dataset_eval_split or "train", cfg.dataset_config)
-        eval_ds, eval_report = normalize_preferences(rows, cfg.data_format, cfg.prompt_column, cfg.chosen_column,
-                                                     cfg.rejected_column, cfg.seed, hh_as_messages(cfg, tokenizer))
-        if cfg.max_eval_samples:
-            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
-    else:
-        eval_report = DataReport(source=f"{report.source} (eval)", rows_in=len(eval_ds) if eval_ds is not None else 0)
-    if eval_ds is not None and len(eval_ds) == 0:
-        raise DataError(f"The eval split of {eval_report.source} is empty. Give held-out pairs (eval_dataset_name or "
-                        "dataset_eval_split), or set eval_fraction: 0 to train without one.")
-    return train, eval_ds, report, eval_report
-
-
-def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
-    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
-    held-out pairs that no training pair has."""
-    from rlhf_lm.data import unseen_prompts
-
-    def unseen_held_out_prompts() -> list[Any]:
-        train, held_out, _, _ = load_pairs(cfg, tokenizer)
-        return unseen_prompts(held_out, train)
-
-    return closing_eval_prompts(cfg.eval_prompts, "train", cfg.prompt_column, hh_as_messages(cfg, tokenizer),
-                                cfg.dataset_name, unseen_held_out_prompts, cfg.eval_num_prompts)[0]
-
-
-# ----------------------------------------------------------------------------------------------------- model
-def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
-    """How many times training visits each pair: num_train_epochs, or what max_steps amounts to."""
-    if cfg.max_steps <= 0:
-        return float(cfg.num_train_epochs)
-    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * PartialState().num_processes
-    return cfg.max_steps / math.ceil(num_pairs / pairs_per_step)
-
-
-# ------------------------------------------------------------------------------------------------------- run
-def require_model(cfg: DPOStageConfig) -> None:
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
-
-
-def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
-    """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
-    require_model(cfg)
-    quantization_kwargs(cfg)  # a QLoRA run that cannot work here fails now, not after loading and tokenizing data
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
-                               trust_remote_code=cfg.trust_remote_code, require_eos=True)
-    train, eval_ds, report, eval_report = load_pairs(cfg, tokenizer)
-    with PartialState().main_process_first():  # rank 0 writes the token cache, the others then read it
-        cache = token_cache_dir(cfg.cache_tokenized)
-        train_tok = prepare_pairs(train, tokenizer, cfg, report, "training", cache)
-        eval_tok = prepare_pairs(eval_ds, tokenizer, cfg, eval_report, "eval", cache) if eval_ds is not None else None
-    logger.info(report.summary())
-    if eval_ds is not None:
-        logger.info(eval_report.summary())
-    if eval_tok is None and cfg.eval_strategy != "no":
-        raise ConfigError(f"eval_strategy={cfg.eval_strategy} needs held-out pairs; there are none.")
-
-    if cfg.precompute_ref_log_probs is None:
-        cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
-    policy, ref_model, peft_config = load_policy_and_reference(cfg)
-    callbacks = list(callbacks or [])
-    if cfg.controller:
-        from rlhf_lm.controller import build_callback
-
-        callback = build_callback(cfg.controller, stage="dpo")
-        callbacks += [callback] if callback is not None else []
-    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    return trainer, tokenizer, (report, eval_report)
-
-
 def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     """Train, save, then evaluate against the reference; the artifact goes to ``cfg.output_dir``.
 
@@ -344,22 +257,77 @@ def load_judge(cfg: DPOStageConfig) -> tuple[Any, list[Any] | None]:
     return reward, prompts
 
 
-def evaluate_command(cfg: DPOStageConfig) -> str:
-    """The `rlhf-lm evaluate` command that re-runs this stage's closing evaluation on its saved output."""
-    parts = ["rlhf-lm evaluate", f"--policy_path {cfg.output_dir}", f"--output_dir {cfg.output_dir}-eval"]
-    prompts = cfg.eval_prompts or task_eval_prompts(cfg.dataset_name)
-    if prompts:
-        parts.append(f"--prompts {prompts}")
-    if cfg.reward_model:
-        parts.append(f"--reward_model {cfg.reward_model}")
-    if cfg.eval_dataset_name:
-        parts.append(f"--pairs {cfg.eval_dataset_name} --beta {cfg.beta}")
-    if cfg.eval_num_prompts:
-        parts.append(f"--num_prompts {cfg.eval_num_prompts}")
-    if cfg.eval_gold is not None:
-        parts.append(f"--gold {str(cfg.eval_gold).lower()}")
-    parts.append(f"--max_new_tokens {cfg.eval_max_new_tokens} --temperature {cfg.eval_temperature} --seed {cfg.seed}")
-    return " ".join(parts)
+def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
+    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
+    held-out pairs that no training pair has."""
+    from rlhf_lm.data import unseen_prompts
+
+    def unseen_held_out_prompts() -> list[Any]:
+        train, held_out, _, _ = load_pairs(cfg, tokenizer)
+        return unseen_prompts(held_out, train)
+
+    return closing_eval_prompts(cfg.eval_prompts, "train", cfg.prompt_column, hh_as_messages(cfg, tokenizer),
+                                cfg.dataset_name, unseen_held_out_prompts, cfg.eval_num_prompts)[0]
+
+
+def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
+    """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
+    require_model(cfg)
+    quantization_kwargs(cfg)  # a QLoRA run that cannot work here fails now, not after loading and tokenizing data
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
+                               trust_remote_code=cfg.trust_remote_code, require_eos=True)
+    train, eval_ds, report, eval_report = load_pairs(cfg, tokenizer)
+    with PartialState().main_process_first():  # rank 0 writes the token cache, the others then read it
+        cache = token_cache_dir(cfg.cache_tokenized)
+        train_tok = prepare_pairs(train, tokenizer, cfg, report, "training", cache)
+        eval_tok = prepare_pairs(eval_ds, tokenizer, cfg, eval_report, "eval", cache) if eval_ds is not None else None
+    logger.info(report.summary())
+    if eval_ds is not None:
+        logger.info(eval_report.summary())
+    if eval_tok is None and cfg.eval_strategy != "no":
+        raise ConfigError(f"eval_strategy={cfg.eval_strategy} needs held-out pairs; there are none.")
+
+    if cfg.precompute_ref_log_probs is None:
+        cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
+    policy, ref_model, peft_config = load_policy_and_reference(cfg)
+    callbacks = list(callbacks or [])
+    if cfg.controller:
+        from rlhf_lm.controller import build_callback
+
+        callback = build_callback(cfg.controller, stage="dpo")
+        callbacks += [callback] if callback is not None else []
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    return trainer, tokenizer, (report, eval_report)
+
+
+def require_model(cfg: DPOStageConfig) -> None:
+    if not cfg.model_name_or_path:
+        raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
+
+
+def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
+    """How many times training visits each pair: num_train_epochs, or what max_steps amounts to."""
+    if cfg.max_steps <= 0:
+        return float(cfg.num_train_epochs)
+    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * PartialState().num_processes
+    return cfg.max_steps / math.ceil(num_pairs / pairs_per_step)
+
+
+def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
+    """The trained policy (adapter or full model) and its tokenizer. Called by every rank when the policy is
+    sharded (gathering it is collective); only the main process writes."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state_dict = full_state_dict(model) if is_sharded(model) else None
+    if not trainer.accelerator.is_main_process:
+        return
+    if cfg.use_peft:  # only the trained adapter, not TRL's "ref" copy of an SFT adapter
+        model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict)
+    elif state_dict is not None:
+        model.save_pretrained(stage, state_dict=state_dict, safe_serialization=True)
+    else:
+        trainer.save_model(str(stage))
+    tokenizer.save_pretrained(stage)
 
 
 def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: Path, prompts: list[Any] | None = None,
@@ -389,22 +357,6 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
     return metrics
 
 
-def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
-    """The trained policy (adapter or full model) and its tokenizer. Called by every rank when the policy is
-    sharded (gathering it is collective); only the main process writes."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    state_dict = full_state_dict(model) if is_sharded(model) else None
-    if not trainer.accelerator.is_main_process:
-        return
-    if cfg.use_peft:  # only the trained adapter, not TRL's "ref" copy of an SFT adapter
-        model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict)
-    elif state_dict is not None:
-        model.save_pretrained(stage, state_dict=state_dict, safe_serialization=True)
-    else:
-        trainer.save_model(str(stage))
-    tokenizer.save_pretrained(stage)
-
-
 def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], report: DataReport,
                   eval_report: DataReport, eval_error: Exception | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline), with the evaluation's failure if any."""
@@ -415,6 +367,24 @@ def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], r
     write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference, **extra,
                                       "data": {"train": report.as_dict(), "eval": eval_report.as_dict()},
                                       "config": json.loads(json.dumps(config, default=str))})
+
+
+def evaluate_command(cfg: DPOStageConfig) -> str:
+    """The `rlhf-lm evaluate` command that re-runs this stage's closing evaluation on its saved output."""
+    parts = ["rlhf-lm evaluate", f"--policy_path {cfg.output_dir}", f"--output_dir {cfg.output_dir}-eval"]
+    prompts = cfg.eval_prompts or task_eval_prompts(cfg.dataset_name)
+    if prompts:
+        parts.append(f"--prompts {prompts}")
+    if cfg.reward_model:
+        parts.append(f"--reward_model {cfg.reward_model}")
+    if cfg.eval_dataset_name:
+        parts.append(f"--pairs {cfg.eval_dataset_name} --beta {cfg.beta}")
+    if cfg.eval_num_prompts:
+        parts.append(f"--num_prompts {cfg.eval_num_prompts}")
+    if cfg.eval_gold is not None:
+        parts.append(f"--gold {str(cfg.eval_gold).lower()}")
+    parts.append(f"--max_new_tokens {cfg.eval_max_new_tokens} --temperature {cfg.eval_temperature} --seed {cfg.seed}")
+    return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

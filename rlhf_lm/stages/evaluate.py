@@ -204,7 +204,7 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
 def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer, data: dict) -> dict[str, float]:
     from rlhf_lm.data import load_rows, normalize_preferences
     from rlhf_lm.evaluation import implicit_reward_accuracy
-    from rlhf_lm.preference_tokens import apply_length_limit, tokenize_pairs
+    from rlhf_lm.preference_pairs import apply_length_limit, tokenize_pairs
 
     pairs, report = normalize_preferences(load_rows(cfg.pairs, cfg.pairs_split))
     tokenized = apply_length_limit(tokenize_pairs(pairs, tokenizer), cfg.max_length, "drop", report)

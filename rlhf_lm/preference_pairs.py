@@ -1,4 +1,5 @@
-"""Preference pairs as the token ids DPO trains on: TRL's tokenization done in batches, cached, then fitted to
+"""The preference pairs DPO trains and is evaluated on: loaded with their held-out pairs (:func:`load_pairs`), then
+turned into the token ids TRL's DPOTrainer trains on - TRL's tokenization done in batches and cached - and fitted to
 ``max_length`` with every cut or dropped pair counted.
 
 :func:`prepare_pairs` is what the DPO stage runs on each split (:func:`tokenize_pairs` then
@@ -15,14 +16,41 @@ rerun that reads the token cache back. Replace it with TRL's once that ratio dro
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from datasets import Dataset
 
-from rlhf_lm.data import DataReport
+from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
 from rlhf_lm.errors import DataError
 
 LENGTH_MODES = ("truncate_prompt", "truncate", "drop")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def load_pairs(cfg, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport, DataReport]:
+    """Train / held-out pairs from the DPO stage's config, each with its report (``tokenizer`` decides
+    ``hh_format: auto``). The held-out pairs come from ``eval_dataset_name`` when it is set, else from the split or
+    share of the training data that ``load_preference_data`` holds out."""
+    if cfg.eval_dataset_name:  # the held-out pairs live elsewhere: train on all of dataset_name
+        keys = ("dataset_name", "dataset_config", "dataset_train_split", "data_format", "hh_format", "prompt_column",
+                "chosen_column", "rejected_column", "max_train_samples", "max_eval_samples")
+        train_args = SimpleNamespace(**{k: getattr(cfg, k) for k in keys}, dataset_eval_split=None, eval_fraction=0.0)
+        train, _, report = load_preference_data(train_args, seed=cfg.seed, tokenizer=tokenizer)
+    else:
+        train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
+    if cfg.eval_dataset_name:
+        rows = load_rows(cfg.eval_dataset_name, cfg.dataset_eval_split or "train", cfg.dataset_config)
+        eval_ds, eval_report = normalize_preferences(rows, cfg.data_format, cfg.prompt_column, cfg.chosen_column,
+                                                     cfg.rejected_column, cfg.seed, hh_as_messages(cfg, tokenizer))
+        if cfg.max_eval_samples:
+            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
+    else:
+        eval_report = DataReport(source=f"{report.source} (eval)", rows_in=len(eval_ds) if eval_ds is not None else 0)
+    if eval_ds is not None and len(eval_ds) == 0:
+        raise DataError(f"The eval split of {eval_report.source} is empty. Give held-out pairs (eval_dataset_name or "
+                        "dataset_eval_split), or set eval_fraction: 0 to train without one.")
+    return train, eval_ds, report, eval_report
+
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
