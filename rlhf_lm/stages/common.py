@@ -1,5 +1,5 @@
 """Steps that more than one stage takes, written once: where a training run writes while it runs, the metrics every
-trained stage reports, the config record of ``metrics.json``, and which held-out prompts a closing evaluation
+trained stage reports, ``metrics.json`` and its config record, and which held-out prompts a closing evaluation
 samples on.
 
 A stage module calls these in the order it runs them; nothing here decides what a stage trains or how.
@@ -14,7 +14,9 @@ from typing import Any
 
 from accelerate import PartialState
 
-from rlhf_lm.artifacts import check_output_dir, partial_dir, resolve_resume, staged_output
+from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, partial_dir, resolve_resume, staged_output, write_json
+from rlhf_lm.data import DataReport, load_rows, normalize_prompts
+from rlhf_lm.errors import describe
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.task import task_eval_prompts
 
@@ -69,6 +71,20 @@ def config_record(cfg) -> dict[str, Any]:
     return config
 
 
+def write_stage_metrics(stage: Path, metrics: dict[str, float], reports: tuple[DataReport, DataReport],
+                        config: dict[str, Any], error: Exception | None = None, **fields: Any) -> None:
+    """A trained stage's metrics.json, written last: it marks the stage finished (for a pipeline).
+
+    ``metrics`` are the final numbers, ``reports`` say which training / held-out rows were used, dropped or cut,
+    ``error`` is the closing evaluation's failure (the model is saved all the same), and ``fields`` are what the
+    stage adds of its own (the DPO reference, the reward model's mean and std, ...)."""
+    train, held_out = reports
+    write_json(stage / METRICS_FILE, {
+        "metrics": metrics, **fields, **({"evaluation_error": describe(error)} if error is not None else {}),
+        "data": {"train": train.as_dict(), "eval": held_out.as_dict()}, "config": config,
+    })
+
+
 def closing_eval_prompts(source: str | None, split: str, column: str, hh_messages: bool, data_path: str | None,
                          held_out: Callable[[], list[Any]], limit: int | None = None) -> tuple[list[Any], str | None]:
     """The held-out prompts a closing evaluation samples on, and the prompt source read (None: ``held_out()``).
@@ -77,8 +93,6 @@ def closing_eval_prompts(source: str | None, split: str, column: str, hh_message
     ``prompts_eval.jsonl`` when the training data ``data_path`` comes from a task dir; else ``held_out()``, the
     training run's own held-out prompts. Only the first ``limit`` are kept when it is set.
     """
-    from rlhf_lm.data import load_rows, normalize_prompts
-
     source = source if source is not None else task_eval_prompts(data_path)
     if source is not None:
         prompts = normalize_prompts(load_rows(source, split), column, hh_messages)[0]["prompt"]

@@ -36,7 +36,6 @@ from typing import Any
 import trl
 from accelerate import PartialState
 
-from rlhf_lm.artifacts import METRICS_FILE, write_json
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -64,6 +63,7 @@ from rlhf_lm.stages.common import (
     config_record,
     staging,
     train_metrics,
+    write_stage_metrics,
 )
 from rlhf_lm.task import task_eval_prompts, task_root
 from rlhf_lm.trainers import DPOTrainer
@@ -360,13 +360,10 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
 def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], report: DataReport,
                   eval_report: DataReport, eval_error: Exception | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline), with the evaluation's failure if any."""
-    config = config_record(cfg)
     reference = ("sft_adapter" if cfg.sft_adapter_path else "base (adapters off)" if cfg.use_peft
                  else "ref_model")
-    extra = {"evaluation_error": describe(eval_error)} if eval_error is not None else {}
-    write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference, **extra,
-                                      "data": {"train": report.as_dict(), "eval": eval_report.as_dict()},
-                                      "config": json.loads(json.dumps(config, default=str))})
+    write_stage_metrics(stage, metrics, (report, eval_report), json.loads(json.dumps(config_record(cfg), default=str)),
+                        eval_error, reference=reference)
 
 
 def evaluate_command(cfg: DPOStageConfig) -> str:

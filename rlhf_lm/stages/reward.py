@@ -29,10 +29,6 @@ from typing import Any
 import torch
 from trl import RewardConfig
 
-from rlhf_lm.artifacts import (
-    METRICS_FILE,
-    write_json,
-)
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -57,7 +53,14 @@ from rlhf_lm.modeling import (
 )
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
-from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in, config_record, staging, train_metrics
+from rlhf_lm.stages.common import (
+    check_output_and_resume,
+    checkpoints_in,
+    config_record,
+    staging,
+    train_metrics,
+    write_stage_metrics,
+)
 from rlhf_lm.task import task_root
 from rlhf_lm.trainers import RewardTrainer
 
@@ -243,16 +246,12 @@ def measure(cfg, trainer, tokenizer, train, eval_ds) -> dict[str, Any]:
 def write_metrics(cfg, trainer, stage: Path, metrics: dict[str, float], extra: dict[str, Any], report: DataReport,
                   eval_report: DataReport, is_peft: bool, error: Exception | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline)."""
-    config = config_record(cfg)
     base = Path(cfg.model_name_or_path)
     # Where the base is relative to the artifact, so the pair of folders can move together (see ClassifierReward).
     relative = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve()) if is_peft and base.is_dir() else None
-    write_json(stage / METRICS_FILE, {
-        "metrics": metrics, **extra, "base_model_relative": relative,
-        **({"evaluation_error": describe(error)} if error is not None else {}),
-        "data": {"train": report.as_dict(), "eval": eval_report.as_dict()}, "config": config,
-        "log_history": trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
-    })
+    write_stage_metrics(stage, metrics, (report, eval_report), config_record(cfg), error, **extra,
+                        base_model_relative=relative,
+                        log_history=trainer.state.log_history)  # training curves for plots (rlhf_lm.plotting)
 
 
 def main(argv: list[str] | None = None) -> int:
