@@ -111,15 +111,6 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
 CONFIG = RewardStageConfig
 
 
-def _check_head_saved(directory: Path, head: str) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
-        if not any(f".{head}." in key for key in f.keys()):
-            raise ArtifactError(f"The saved adapter in {directory} lacks the `{head}` head; the reward model would "
-                                "reload with a random head. Keep it in lora_modules_to_save.")
-
-
 def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, float]:
     from accelerate import PartialState
     from transformers import set_seed
@@ -225,6 +216,15 @@ def save_reward_model(cfg, trainer, tokenizer, head: str, stage: Path, is_peft: 
     tokenizer.save_pretrained(stage)
     if is_peft and not cfg.merge_adapter:
         _check_head_saved(stage, head)
+
+
+def _check_head_saved(directory: Path, head: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+        if not any(f".{head}." in key for key in f.keys()):
+            raise ArtifactError(f"The saved adapter in {directory} lacks the `{head}` head; the reward model would "
+                                "reload with a random head. Keep it in lora_modules_to_save.")
 
 
 def measure(cfg, trainer, tokenizer, train, eval_ds) -> dict[str, Any]:
