@@ -3,9 +3,9 @@ turned into the token ids TRL's DPOTrainer trains on - TRL's tokenization done i
 ``max_length`` with every cut or dropped pair counted.
 
 :func:`prepare_pairs` is what the DPO stage runs on each split (:func:`tokenize_pairs` then
-:func:`apply_length_limit`); the ``evaluate`` stage uses the same two for its held-out pairs. The output has exactly
-the columns TRL's DPOTrainer computes itself (``TOKEN_COLUMNS``), so :class:`rlhf_lm.trainers.DPOTrainer` trains on
-it as it is.
+:func:`apply_length_limit`); the ``evaluate`` stage uses the same two for its held-out pairs. The output has
+exactly the columns TRL's DPOTrainer computes itself (``TOKEN_COLUMNS``), so :class:`rlhf_lm.trainers.DPOTrainer`
+trains on it as it is.
 
 Why our own tokenization rather than TRL's ``_prepare_dataset`` and the datasets cache it goes through: it is
 measurably faster. ``benchmarks/dpo_vs_trl.py`` (``benchmarks/results/dpo_vs_trl.json``: 2000 pairs of the built-in

@@ -30,8 +30,8 @@ class DPOTrainer(ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, LengthGr
     Checkpoints are written atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`); on CPU the fused LM head runs
     in small tiles (:mod:`rlhf_lm.logprob_tiles`, 2.7 GB less peak memory on the 135M real model). TRL 1.16 re-runs
     its per-row tokenization on every dataset it is given; this skips that work when the token columns are already
-    there (and still tokenizes anything else the usual way). Precomputed reference log-probs are scored in length order, and
-    cached under a fingerprint of the model that takes 0.1 s instead of TRL's 12 s at 1.5B
+    there (and still tokenizes anything else the usual way). Precomputed reference log-probs are scored in length
+    order, and cached under a fingerprint of the model that takes 0.1 s instead of TRL's 12 s at 1.5B
     (:func:`rlhf_lm.speed.fingerprint_module`).
     """
 

@@ -12,8 +12,8 @@ The reference policy is never a second copy of the model when LoRA is on:
   starting model), unless its log-probs are computed once before training (``precompute_ref_log_probs``: on by
   default when training runs more than one epoch, with LoRA too - later epochs then skip the reference forward).
 
-Pairs are tokenized once, in batches over whole columns, before TRL sees them (see :func:`tokenize_pairs`); the
-lengths that come out of it decide, visibly and counted, which pairs are dropped or truncated at ``max_length``.
+Pairs are tokenized once, in batches over whole columns, before TRL sees them (:mod:`rlhf_lm.preference_pairs`);
+the lengths that come out of it decide, visibly and counted, which pairs are dropped or truncated at ``max_length``.
 At the end the policy is evaluated against its reference: TRL's implicit-reward accuracy and margin on the held-out
 pairs, and - on held-out prompts - win-rate, reward, KL and samples (:mod:`rlhf_lm.evaluation`).
 
