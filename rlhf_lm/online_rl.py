@@ -13,11 +13,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, resolve_resume, staged_output, write_json
+from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
 from rlhf_lm.errors import ConfigError, DataError
 from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
+from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in
 from rlhf_lm.trainers import with_atomic_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,7 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
         raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
     if not cfg.reward_model:
         raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
-    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resume = check_output_and_resume(cfg)
     place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
@@ -114,13 +114,11 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
     # and every option it does not set are filled from the checkpoint's generation_config: pin them to neutral, as
     # our PPO does, so samples come from the softmax the loss is computed on. The recipe's own choices win.
     cfg.generation_kwargs = {**without_config_fields(NEUTRAL_SAMPLING, cfg), **(cfg.generation_kwargs or {})}
-    final_dir = cfg.output_dir
     # Checkpoints are written atomically, and no save writes a shared reward adapter as if it had been trained here.
     trainer_cls = with_atomic_checkpoints(type(trainer_cls.__name__, (PolicyAdapterOnlySaves, trainer_cls), {}))
-    with staged_output(final_dir, stage=stage, overwrite=cfg.overwrite_output_dir,
+    with staged_output(cfg.output_dir, stage=stage, overwrite=cfg.overwrite_output_dir,
                        resume=cfg.resume_from_checkpoint) as out:
-        cfg.output_dir = str(out)
-        try:
+        with checkpoints_in(cfg, out):
             trainer = trainer_cls(model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=train,
                                   eval_dataset=eval_ds if cfg.eval_strategy != "no" else None,
                                   processing_class=tokenizer, callbacks=callbacks)
@@ -128,8 +126,6 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
             result = trainer.train(resume_from_checkpoint=resume or None)
             runtime = time.perf_counter() - start
             save_policy(trainer, out)
-        finally:
-            cfg.output_dir = final_dir
         history = trainer.state.log_history
         train_logs = [h for h in history if f"rewards/{reward_fn.__name__}/mean" in h]
         metrics = {"train_loss": result.training_loss, "train_runtime": runtime}
