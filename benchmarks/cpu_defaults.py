@@ -107,8 +107,9 @@ def run_reward(fields: dict, changes: dict) -> dict:
     post-training scoring and saving, which the variants share)."""
     from rlhf_lm.configs import config_from_dict
     from rlhf_lm.data import load_preference_data
-    from rlhf_lm.modeling import load_sequence_classifier, lora_config_from_args
-    from rlhf_lm.stages.reward import RewardStageConfig, RewardTrainer, load_reward_tokenizer
+    from rlhf_lm.modeling import load_reward_tokenizer, load_sequence_classifier, lora_config_from_args
+    from rlhf_lm.stages.reward import RewardStageConfig
+    from rlhf_lm.trainers import RewardTrainer
 
     values = {**{k: v for k, v in fields.items() if k != "eval_prompts"}, "num_train_epochs": 1, **changes}
     values.pop("cache_tokenized")

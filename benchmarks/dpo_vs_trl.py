@@ -6,7 +6,7 @@ Both sides get the same tiny model (the built-in task's base policy), the same n
 LoRA config and the same seed. Each round runs A then B (then B then A on the next round, so drift in machine load
 hits both equally), and the medians are compared:
 
-* ``preprocess_speedup``: pairs/s of our preprocessing (``rlhf_lm.stages.dpo.prepare_pairs``: batched tokenization
+* ``preprocess_speedup``: pairs/s of our preprocessing (``rlhf_lm.preference_pairs.prepare_pairs``: batched tokenization
   plus the counted length limit) over pairs/s of TRL's ``DPOTrainer._prepare_dataset`` (EOS pass, per-row
   tokenization, length filter), each on a fresh in-memory copy of the data, our token cache off: a cold first run.
   ``preprocess_speedup_cached_rerun`` is the same for a rerun on the same data with the cache on (our default).
@@ -89,7 +89,7 @@ def time_preprocessing(cfg, pairs, tokenizer, rounds: int) -> dict[str, float]:
     from datasets import Dataset
 
     from rlhf_lm.data import DataReport
-    from rlhf_lm.stages.dpo import prepare_pairs
+    from rlhf_lm.preference_pairs import prepare_pairs
 
     rows = pairs.to_list()
     args = trl_args(cfg)

@@ -370,10 +370,10 @@ def build_dpo(settings: BenchSettings, assets: Assets, variant: str, out: Path, 
         args, source = our_config("rlhf_lm.stages.dpo", _stage_fields(common, assets.policy_dir, use_peft=not full),
                                   changes)
         # the stage's own trainer class and loading: policy, reference, LoRA config
-        from rlhf_lm.stages.dpo import DPOTrainer as trainer_cls
-        from rlhf_lm.stages.dpo import load_policy
+        from rlhf_lm.modeling import load_policy_and_reference
+        from rlhf_lm.trainers import DPOTrainer as trainer_cls
 
-        model, ref_model, peft_config = load_policy(args)
+        model, ref_model, peft_config = load_policy_and_reference(args)
         if changes.get("ref_dtype"):
             ref_model = load_causal_lm(str(assets.policy_dir), dtype=changes["ref_dtype"])
     precompute_s: list[float] = []
@@ -410,7 +410,7 @@ def build_reward(settings: BenchSettings, assets: Assets, variant: str, out: Pat
     else:
         args, source = our_config("rlhf_lm.stages.reward", _stage_fields(common, assets.reward_dir),
                                   VARIANT_CHANGES[variant])
-        from rlhf_lm.stages.reward import RewardTrainer as trainer_cls  # the stage's own trainer class
+        from rlhf_lm.trainers import RewardTrainer as trainer_cls  # the stage's own trainer class
 
         model = load_sequence_classifier(str(assets.reward_dir), dtype=args.dtype)
     trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=assets.tokenizer,

@@ -186,16 +186,19 @@ def speed_trainer(side: str, stage: str, model: str, data: str, out: str, steps:
             shape["activation_checkpointing"] = True
         if stage == "reward":
             from rlhf_lm.modeling import load_sequence_classifier
-            from rlhf_lm.stages.reward import CONFIG, RewardTrainer
+            from rlhf_lm.stages.reward import CONFIG
+            from rlhf_lm.trainers import RewardTrainer
 
             cfg = config_from_dict(CONFIG, dict(shape, model_name_or_path=model, lora_r=16, lora_alpha=32))
             trainer = RewardTrainer(model=load_sequence_classifier(model, dtype=cfg.dtype), args=cfg,
                                     train_dataset=pairs, processing_class=tokenizer, peft_config=lora)
         else:
-            from rlhf_lm.stages.dpo import CONFIG, DPOTrainer, load_policy
+            from rlhf_lm.modeling import load_policy_and_reference
+            from rlhf_lm.stages.dpo import CONFIG
+            from rlhf_lm.trainers import DPOTrainer
 
             cfg = config_from_dict(CONFIG, dict(shape, model_name_or_path=model, lora_r=16, lora_alpha=32))
-            policy, ref, peft_config = load_policy(cfg)
+            policy, ref, peft_config = load_policy_and_reference(cfg)
             trainer = DPOTrainer(model=policy, ref_model=ref, args=cfg, train_dataset=pairs,
                                  processing_class=tokenizer, peft_config=peft_config)
     return trainer, lambda t: int(t.state.num_input_tokens_seen)

@@ -8,7 +8,8 @@ Shared by DPO, PPO, GRPO, the pipeline and ``rlhf-lm evaluate``:
 * :func:`evaluate_policy` - policy vs reference samples on the same prompts: win-rate judged by any RewardModel,
   mean rewards, KL, the built-in task's gold reward, and a JSONL file of samples,
 * :func:`preference_accuracy` - DPO's implicit-reward accuracy and margin on held-out pairs, from TRL's own
-  ``DPOTrainer.evaluate()``.
+  ``DPOTrainer.evaluate()``,
+* :func:`evaluate_pairs` - a reward model's metrics on labelled pairs, scored as the policy stages will score it.
 
 The reference of a LoRA policy needs no second model: it is the same model with its adapters switched off, or, when
 the policy was trained from an earlier adapter (e.g. SFT), the frozen copy of that adapter named ``"ref"`` that TRL's
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 
 from rlhf_lm.errors import ConfigError, DataError
-from rlhf_lm.rewards import GoldReward, RewardModel, check_rewards
+from rlhf_lm.reward_metrics import preference_metrics
+from rlhf_lm.rewards import ClassifierReward, GoldReward, RewardModel, check_rewards
 from rlhf_lm.sampling import (
     Prompt,
     encode_prompts,
@@ -319,7 +321,7 @@ def implicit_reward_accuracy(policy, tokenizer, pairs, beta: float, *, reference
                              batch_size: int = 64) -> dict[str, float]:
     """DPO's implicit-reward accuracy and margin on tokenized pairs, without a trainer.
 
-    ``pairs`` has ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (``rlhf_lm.stages.dpo.tokenize_pairs``). The
+    ``pairs`` has ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (``rlhf_lm.preference_pairs.tokenize_pairs``). The
     implicit reward is ``beta * (sum log pi(y|x) - sum log pi_ref(y|x))`` over the completion tokens, as in TRL's
     DPOTrainer; this is what ``rlhf-lm evaluate`` uses for a saved policy (inside a training run the stage reads the
     same numbers from ``DPOTrainer.evaluate()``; the tests check that the two agree). TRL averages per-batch means,
@@ -352,3 +354,23 @@ def preference_accuracy(trainer, eval_dataset=None) -> dict[str, float]:
     if eval_dataset is None and trainer.eval_dataset is None:
         raise DataError("preference_accuracy needs held-out pairs: the trainer has no eval split.")
     return implicit_reward_metrics(trainer.evaluate(eval_dataset))
+
+
+def _text_len(value: Any, tokenizer) -> int:
+    text = value if isinstance(value, str) else " ".join(m["content"] for m in value)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def evaluate_pairs(reward: ClassifierReward, pairs, gold: bool = False) -> dict[str, float]:
+    """All reward metrics on prompt/chosen/rejected rows, scored by ``reward`` as it will be scored downstream."""
+    prompts, chosen, rejected = pairs["prompt"], pairs["chosen"], pairs["rejected"]
+    r_c, r_r = reward.raw_scores(prompts, chosen), reward.raw_scores(prompts, rejected)
+    lens_c = torch.tensor([_text_len(c, reward.tokenizer) for c in chosen])
+    lens_r = torch.tensor([_text_len(r, reward.tokenizer) for r in rejected])
+    gold_c = gold_r = None
+    if gold:
+        from rlhf_lm.task import gold_reward
+
+        gold_c = torch.tensor([gold_reward(p, c) for p, c in zip(prompts, chosen, strict=True)])
+        gold_r = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, rejected, strict=True)])
+    return preference_metrics(r_c, r_r, lens_c, lens_r, gold_c, gold_r)

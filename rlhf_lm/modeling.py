@@ -1,5 +1,8 @@
 """Loading policy / reward backbones and tokenizers, LoRA configs, and the offline tiny-model factory.
 
+The stages load through here: DPO's policy with its reference (:func:`load_policy_and_reference`), the reward
+stage's tokenizer and classification head (:func:`load_reward_tokenizer`, :func:`classifier_head_name`).
+
 The factory builds random-init Llama/Qwen2-shaped causal LMs, their sequence-classification twins and a BERT-style
 encoder, with a BPE tokenizer trained locally, and saves them with ``save_pretrained`` so every stage loads them
 exactly as it would load a Hub model. Nothing here touches the network.
@@ -260,3 +263,70 @@ def quantization_kwargs(args) -> dict:
     from trl import get_kbit_device_map, get_quantization_config
 
     return {"quantization_config": get_quantization_config(args), "device_map": get_kbit_device_map()}
+
+
+def load_policy_and_reference(cfg):
+    """(policy, ref_model, peft_config) as DPOTrainer wants them for LoRA, LoRA-on-SFT, or a full fine-tune, from
+    the DPO stage's config (``sft_adapter_path``, ``use_peft``, ``ref_model_name_or_path``, ...)."""
+    kwargs = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                  allow_pickle_weights=cfg.allow_pickle_weights)
+    policy = load_causal_lm(cfg.model_name_or_path, **kwargs, sharded_by_trainer=True, **quantization_kwargs(cfg))
+    if cfg.sft_adapter_path:
+        from peft import PeftModel
+
+        if not (Path(cfg.sft_adapter_path) / "adapter_config.json").is_file():
+            raise ArtifactError(f"sft_adapter_path {cfg.sft_adapter_path} holds no adapter_config.json; point it at "
+                                "a saved LoRA adapter (an SFT stage's output).")
+        # No peft_config: DPOTrainer then trains this adapter and keeps a frozen copy ("ref") as the reference.
+        return PeftModel.from_pretrained(policy, cfg.sft_adapter_path, is_trainable=True), None, None
+    if cfg.use_peft:
+        return policy, None, lora_config_from_args(cfg)
+    if cfg.precompute_ref_log_probs and not cfg.ref_model_name_or_path:
+        return policy, None, None  # TRL scores the reference with the untouched policy before the first step
+    return policy, load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, **kwargs), None
+
+
+def classifier_head_name(model: torch.nn.Module) -> str:
+    """The classification head to train in full and save with the adapter: `score` (decoders), `classifier` (BERT)."""
+    for name in ("score", "classifier"):
+        if hasattr(model, name):
+            return name
+    raise ConfigError(f"{type(model).__name__} has no `score` or `classifier` head; cannot train it as a reward model.")
+
+
+def load_reward_tokenizer(cfg):
+    """The backbone's tokenizer with the EOS token RewardTrainer appends (``eos_token`` in the recipe wins; BERT-style
+    tokenizers use SEP) and a pad token; a clear ConfigError when neither can be found."""
+    source = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    try:
+        tokenizer = load_tokenizer(source, padding_side="right", trust_remote_code=cfg.trust_remote_code)
+    except ConfigError:  # neither pad nor EOS: fine only if the recipe names the EOS token to use
+        if cfg.eos_token is None:
+            raise ConfigError(f"The tokenizer of {source} has no EOS, SEP or pad token; RewardTrainer ends every "
+                              "text with EOS and the classifier reads its score there. Set eos_token in the recipe "
+                              "to a token of its vocabulary.") from None
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        tokenizer.padding_side = "right"
+    if cfg.eos_token is not None:
+        if cfg.eos_token not in tokenizer.get_vocab():
+            raise ConfigError(f"eos_token '{cfg.eos_token}' is not in the vocabulary of the tokenizer of {source}. "
+                              "Choose one of its tokens.")
+        tokenizer.eos_token = cfg.eos_token
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = cfg.eos_token
+    ensure_special_tokens(tokenizer, source=source, require_eos=True)
+    return tokenizer
+
+
+def check_length_room(max_length: int | None, tokenizer) -> None:
+    """``max_length`` must fit a prompt token, a response token, the EOS RewardTrainer appends and the tokenizer's
+    own special tokens; otherwise TRL drops every pair and fails deep in its sampler."""
+    if max_length is None:
+        return
+    needed = 3 + tokenizer.num_special_tokens_to_add()
+    if max_length < needed:
+        raise ConfigError(f"max_length={max_length} leaves no room for a prompt and a response: this tokenizer needs "
+                          f"at least {needed} tokens (one of prompt, one of response, EOS and its special tokens). "
+                          "Raise max_length.")

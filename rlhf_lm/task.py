@@ -218,3 +218,22 @@ def build_task(
             "num_train_prompts": len(data.train_prompts), "num_eval_prompts": len(data.eval_prompts)}
     (out / "task.json").write_text(json.dumps(meta, indent=2))
     return out
+
+
+def task_root(path: str | None) -> Path | None:
+    """The built-in task directory that ``path`` (the task dir, its data dir or a data file) belongs to, or None.
+
+    Stages read it to default to the task's gold metrics and its held-out ``data/prompts_eval.jsonl``."""
+    if not path:
+        return None
+    p = Path(path)
+    for candidate in (p, p.parent, p.parent.parent):
+        if (candidate / "task.json").is_file():
+            return candidate
+    return None
+
+
+def task_eval_prompts(path: str | None) -> str | None:
+    """The held-out prompt file of the built-in task ``path`` belongs to (see :func:`task_root`), or None."""
+    root = task_root(path)
+    return str(root / "data" / "prompts_eval.jsonl") if root is not None else None

@@ -17,14 +17,13 @@ from rlhf_lm.configs import config_from_dict, parse_config
 from rlhf_lm.data import DataReport
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError
 from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+from rlhf_lm.preference_pairs import apply_length_limit, tokenize_pairs
 from rlhf_lm.stages.dpo import (
     LOSS_TYPES,
     DPOStageConfig,
-    apply_length_limit,
     build_trainer,
     passes_over_data,
     run,
-    tokenize_pairs,
 )
 
 
@@ -362,7 +361,8 @@ def test_real_multi_turn_dialogues_tokenize_like_trl_and_long_ones_are_counted(h
 def test_on_data_outside_the_task_the_generation_eval_uses_the_held_out_pairs_prompts(tiny_task_dir, tmp_path):
     """Not a task dir, no eval_prompts: the prompts of the held-out pairs that no training pair has (before, the
     generation eval was silently skipped on real data)."""
-    from rlhf_lm.stages.dpo import load_eval_prompts, load_pairs, run
+    from rlhf_lm.preference_pairs import load_pairs
+    from rlhf_lm.stages.dpo import load_eval_prompts, run
 
     rows = [json.loads(line) for line in (tiny_task_dir / "data" / "pairs_train.jsonl").read_text().splitlines()]
     data = tmp_path / "data" / "pairs.jsonl"  # the same rows, out of the task dir
@@ -378,7 +378,7 @@ def test_on_data_outside_the_task_the_generation_eval_uses_the_held_out_pairs_pr
 
 
 def test_long_prompts_are_cut_from_the_left_and_only_impossible_pairs_dropped():
-    from rlhf_lm.stages.dpo import apply_length_limit
+    from rlhf_lm.preference_pairs import apply_length_limit
 
     rows = [{"prompt_ids": list(range(1, 9)), "chosen_ids": [20, 21], "rejected_ids": [30, 31, 32]},  # 8 + 3 > 6
             {"prompt_ids": [1, 2], "chosen_ids": [20], "rejected_ids": [30]},  # fits

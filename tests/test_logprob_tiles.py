@@ -51,8 +51,7 @@ def test_the_tile_is_put_back_after_a_step_even_one_that_fails():
 
 
 def test_stage_trainers_use_small_tiles():
-    from rlhf_lm.stages.dpo import DPOTrainer
-    from rlhf_lm.stages.grpo import with_atomic_checkpoints
+    from rlhf_lm.trainers import DPOTrainer, with_atomic_checkpoints
 
     assert issubclass(DPOTrainer, FallbackLogProbTiles)
     import trl

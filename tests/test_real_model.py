@@ -260,8 +260,8 @@ def judge(pipeline_run) -> ClassifierReward:
 def test_reward_model_learns_the_preference_and_reloads_exactly(pipeline_run, real_model_dir, data, judge):
     from transformers import set_seed
 
+    from rlhf_lm.evaluation import evaluate_pairs
     from rlhf_lm.modeling import load_sequence_classifier
-    from rlhf_lm.stages.reward import evaluate_pairs
 
     out = pipeline_run / "reward"
     saved = json.loads((out / "metrics.json").read_text())
@@ -634,8 +634,8 @@ def test_ppo_rollouts_sample_the_plain_softmax_from_the_prompt_tokens_dpo_trains
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
     from rlhf_lm.ppo import PPOConfig, PPOTrainer
     from rlhf_lm.ppo.rollout import collect_rollout
+    from rlhf_lm.preference_pairs import tokenize_pairs
     from rlhf_lm.rewards import FunctionReward
-    from rlhf_lm.stages.dpo import tokenize_pairs
 
     path = str(checkpoint_with_sampling_settings)
     tokenizer = load_tokenizer(path, padding_side="left")

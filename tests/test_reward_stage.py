@@ -87,8 +87,10 @@ def test_reload_reproduces_in_memory_scores(lora_rm, tiny_task_dir):
     unmerged = ClassifierReward.from_pretrained(out, merge=False)
     from datasets import load_dataset
 
+    from rlhf_lm.evaluation import evaluate_pairs
+
     pairs = load_dataset("json", data_files=str(tiny_task_dir / "data" / "pairs_eval.jsonl"), split="train")
-    again = reward_stage.evaluate_pairs(unmerged, pairs, gold=True)
+    again = evaluate_pairs(unmerged, pairs, gold=True)
     for key in ("reward/margin", "reward/chosen_mean", "reward/rejected_mean", "reward/gold_accuracy"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-5), key  # metrics were scored in memory
     p, c = pairs["prompt"], pairs["chosen"]

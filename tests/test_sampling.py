@@ -114,7 +114,7 @@ def test_ppo_dpo_and_evaluation_tokenize_prompts_alike():
     from datasets import Dataset
 
     from rlhf_lm.ppo.trainer import tokenize_prompts
-    from rlhf_lm.stages.dpo import tokenize_pairs
+    from rlhf_lm.preference_pairs import tokenize_pairs
 
     tok = _tokenizer_with_bos()
     plain, chat = "the cat sat", [{"role": "user", "content": "the cat"}]

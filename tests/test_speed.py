@@ -91,7 +91,8 @@ def test_dpo_stage_trainer_groups_batches_by_length_by_default(tmp_path):
     """Our DPO stage's trainer, with the stage's default train_sampling_strategy and TRL's own column pruning:
     batches hold pairs of one length class; evaluation (also length-grouped) and training run."""
     from rlhf_lm.modeling import train_tokenizer
-    from rlhf_lm.stages.dpo import DPOStageConfig, DPOTrainer
+    from rlhf_lm.stages.dpo import DPOStageConfig
+    from rlhf_lm.trainers import DPOTrainer
 
     assert DPOStageConfig.__dataclass_fields__["train_sampling_strategy"].default == "group_by_length"
     tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
@@ -122,7 +123,8 @@ def test_reward_stage_trainer_groups_batches_by_length_by_default(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from rlhf_lm.modeling import train_tokenizer
-    from rlhf_lm.stages.reward import RewardStageConfig, RewardTrainer
+    from rlhf_lm.stages.reward import RewardStageConfig
+    from rlhf_lm.trainers import RewardTrainer
 
     tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
     args = RewardStageConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, use_cpu=True,
@@ -163,7 +165,8 @@ def test_dpo_stage_trainer_keys_precomputed_reference_by_the_fast_fingerprint(tm
     import trl.trainer.dpo_trainer as trl_dpo
 
     from rlhf_lm.modeling import train_tokenizer
-    from rlhf_lm.stages.dpo import DPOStageConfig, DPOTrainer
+    from rlhf_lm.stages.dpo import DPOStageConfig
+    from rlhf_lm.trainers import DPOTrainer
 
     tok = train_tokenizer(["the cat sat on the mat . " * 20], vocab_size=300)
     trl_hash = trl_dpo.hash_module

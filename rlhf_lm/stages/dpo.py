@@ -12,8 +12,8 @@ The reference policy is never a second copy of the model when LoRA is on:
   starting model), unless its log-probs are computed once before training (``precompute_ref_log_probs``: on by
   default when training runs more than one epoch, with LoRA too - later epochs then skip the reference forward).
 
-Pairs are tokenized once, in batches over whole columns, before TRL sees them (see :func:`tokenize_pairs`); the
-lengths that come out of it decide, visibly and counted, which pairs are dropped or truncated at ``max_length``.
+Pairs are tokenized once, in batches over whole columns, before TRL sees them (:mod:`rlhf_lm.preference_pairs`);
+the lengths that come out of it decide, visibly and counted, which pairs are dropped or truncated at ``max_length``.
 At the end the policy is evaluated against its reference: TRL's implicit-reward accuracy and margin on the held-out
 pairs, and - on held-out prompts - win-rate, reward, KL and samples (:mod:`rlhf_lm.evaluation`).
 
@@ -29,26 +29,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import torch
 import trl
 from accelerate import PartialState
-from datasets import Dataset
 
-from rlhf_lm.artifacts import (
-    METRICS_FILE,
-    AtomicCheckpoints,
-    check_output_dir,
-    partial_dir,
-    resolve_resume,
-    staged_output,
-    write_json,
-)
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -59,26 +46,34 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
-from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
-from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe, suggest
-from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded, state_bytes_per_rank
-from rlhf_lm.logprob_tiles import FallbackLogProbTiles
+from rlhf_lm.data import DataReport, hh_as_messages
+from rlhf_lm.errors import ConfigError, EvaluationError, describe, suggest
+from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.modeling import (
     count_parameters,
     load_causal_lm,
+    load_policy_and_reference,
     load_tokenizer,
-    lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.speed import LengthGroupedBatches, fast_reference_fingerprint, in_length_order, with_length_column
+from rlhf_lm.preference_pairs import LENGTH_MODES, load_pairs, prepare_pairs, token_cache_dir
+from rlhf_lm.stages.common import (
+    check_output_and_resume,
+    checkpoints_in,
+    closing_eval_prompts,
+    config_record,
+    staging,
+    train_metrics,
+    write_stage_metrics,
+)
+from rlhf_lm.task import task_eval_prompts, task_root
+from rlhf_lm.trainers import DPOTrainer
 
 logger = logging.getLogger(__name__)
 
 # The loss types of TRL 1.16's DPOTrainer (checked against its DPOConfig help in the tests).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-LENGTH_MODES = ("truncate_prompt", "truncate", "drop")
-TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
 @dataclass
@@ -199,320 +194,6 @@ def check_dpo_args(cfg: DPOStageConfig) -> None:
                        "precision, or launch with a DeepSpeed/FSDP config.", cfg.dtype)
 
 
-# ------------------------------------------------------------------------------------------------ tokenization
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _encode(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-    """Token ids of ``texts``, straight from the Rust tokenizer when that gives what ``tokenizer(texts)`` gives.
-
-    ``tokenizer(texts)`` builds an attention mask and a Python ``Encoding`` per row that DPO never reads; skipping
-    them is about a third of the tokenization time. The shortcut is taken only when the backend has no truncation or
-    padding of its own and splits special tokens as the wrapper would.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if (backend is not None and hasattr(backend, "encode_batch_fast") and backend.truncation is None
-            and backend.padding is None
-            and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
-    return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-
-
-def _tokenize_batch(batch: dict[str, list], tokenizer) -> dict[str, list]:
-    """TRL's DPO tokenization of a batch, with one tokenizer call per column instead of three per row."""
-    prompts, chosen, rejected = batch["prompt"], batch["chosen"], batch["rejected"]
-    if isinstance(prompts[0], str):
-        eos = tokenizer.eos_token
-        chosen = [c if c.endswith(eos) else c + eos for c in chosen]
-        rejected = [r if r.endswith(eos) else r + eos for r in rejected]
-        unique = list(dict.fromkeys(prompts))  # several pairs often share a prompt: tokenize it once
-        ids_of = dict(zip(unique, _encode(tokenizer, unique), strict=True))
-        prompt_ids = [ids_of[p] for p in prompts]
-        chosen_full = _encode(tokenizer, [p + c for p, c in zip(prompts, chosen, strict=True)])
-        rejected_full = _encode(tokenizer, [p + r for p, r in zip(prompts, rejected, strict=True)])
-    else:  # conversational: render with the chat template (which carries its own special tokens), then tokenize
-        render = tokenizer.apply_chat_template
-        prompt_text = render(prompts, tokenize=False, add_generation_prompt=True)
-        chosen_text = render([p + c for p, c in zip(prompts, chosen, strict=True)], tokenize=False)
-        rejected_text = render([p + r for p, r in zip(prompts, rejected, strict=True)], tokenize=False)
-        prompt_ids, chosen_full, rejected_full = (_encode(tokenizer, t, add_special_tokens=False)
-                                                  for t in (prompt_text, chosen_text, rejected_text))
-    out: dict[str, list] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    for p, c, r in zip(prompt_ids, chosen_full, rejected_full, strict=True):
-        # As TRL does: the completion starts where prompt and prompt+completion tokenizations diverge.
-        n = min(_common_prefix(p, c), _common_prefix(p, r))
-        out["prompt_ids"].append(p[:n])
-        out["chosen_ids"].append(c[n:])
-        out["rejected_ids"].append(r[n:])
-    return out
-
-
-TOKENIZATION_VERSION = "1"  # bump when _tokenize_batch changes, so cached results are not reused
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A content hash of everything that decides the token ids (vocabulary, merges, template, special tokens)."""
-    from datasets.fingerprint import Hasher
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else tokenizer
-    return Hasher.hash((type(tokenizer).__name__, state, tokenizer.eos_token, getattr(tokenizer, "chat_template", None),
-                        bool(getattr(tokenizer, "split_special_tokens", False))))
-
-
-def tokenize_pairs(ds: Dataset, tokenizer, num_proc: int | None = None, batch_size: int = 1000,
-                   cache_dir: str | Path | None = None) -> Dataset:
-    """``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` exactly as TRL's DPOTrainer would compute them.
-
-    TRL maps three single-row tokenizer calls (plus an EOS pass) over the data; here each batch goes through the
-    fast tokenizer once per column, and a prompt shared by several pairs is tokenized once. That is where the
-    preprocessing speed-up comes from. With ``cache_dir`` the result is stored under a fingerprint of the data's
-    content and the tokenizer, so the next run on the same data (another beta, another seed) reads it back instead.
-    """
-    if len(ds) == 0:
-        return Dataset.from_dict({c: [] for c in TOKEN_COLUMNS})
-    cache = {}
-    if cache_dir is not None:
-        from datasets.fingerprint import Hasher
-
-        fingerprint = Hasher.hash((ds._fingerprint, tokenizer_fingerprint(tokenizer), TOKENIZATION_VERSION))
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache = dict(new_fingerprint=fingerprint, load_from_cache_file=True,
-                     cache_file_name=str(Path(cache_dir) / f"dpo-pairs-{fingerprint}.arrow"))
-    return ds.map(_tokenize_batch, batched=True, batch_size=batch_size, num_proc=num_proc,
-                  fn_kwargs={"tokenizer": tokenizer}, remove_columns=ds.column_names, desc="Tokenizing pairs",
-                  **cache)
-
-
-def apply_length_limit(ds: Dataset, max_length: int | None, mode: str, report: DataReport) -> Dataset:
-    """Fit tokenized pairs into ``max_length``; every pair that is cut or dropped is counted in ``report``.
-
-    ``mode="truncate_prompt"`` cuts over-long prompts from the left (the last turns stay) to leave room for the longer
-    response, and drops only pairs whose response alone fills ``max_length``. Otherwise a prompt that alone fills
-    ``max_length`` leaves no completion token to learn from and is dropped (TRL would drop it silently);
-    ``mode="truncate"`` keeps the other over-long pairs for TRL's collator to cut from the end (``keep_start``) and
-    ``mode="drop"`` removes them.
-    """
-    if max_length is None or len(ds) == 0:
-        report.rows_out = len(ds)
-        return ds
-    import numpy as np
-    import pyarrow.compute as pc
-
-    table = ds.with_format("arrow")[:]  # lengths straight from Arrow: no Python lists of token ids
-    prompt_len, chosen_len, rejected_len = (pc.list_value_length(table[c]).to_numpy() for c in TOKEN_COLUMNS)
-    if mode == "truncate_prompt":
-        return _truncate_prompts(ds, max_length, max_length - np.maximum(chosen_len, rejected_len), prompt_len, report)
-    pair_len = prompt_len + np.maximum(chosen_len, rejected_len)
-    prompt_too_long = prompt_len >= max_length
-    over = ~prompt_too_long & (pair_len > max_length)
-    if prompt_too_long.any():
-        report.drop(f"prompt alone has >= max_length={max_length} tokens", int(prompt_too_long.sum()))
-    if over.any() and mode == "drop":
-        report.drop(f"pair over max_length={max_length}", int(over.sum()))
-    elif over.any():
-        report.truncated[f"completion cut at max_length={max_length}"] += int(over.sum())
-    keep = ~prompt_too_long & ~over if mode == "drop" else ~prompt_too_long
-    report.rows_out = int(keep.sum())
-    return ds if keep.all() else ds.select(np.flatnonzero(keep))
-
-
-def _truncate_prompts(ds: Dataset, max_length: int, room, prompt_len, report: DataReport) -> Dataset:
-    """Keep the last ``room[i]`` prompt tokens of each pair (what its longer response leaves of ``max_length``)."""
-    import numpy as np
-
-    no_room = room < 1
-    cut = ~no_room & (prompt_len > room)
-    if no_room.any():
-        report.drop(f"response alone has >= max_length={max_length} tokens", int(no_room.sum()))
-    if cut.any():
-        report.truncated[f"prompt cut from the left to fit max_length={max_length}"] += int(cut.sum())
-        keep_tokens = dict(zip(np.flatnonzero(cut).tolist(), room[cut].tolist(), strict=True))
-        ds = ds.map(lambda row, i: {"prompt_ids": row["prompt_ids"][-keep_tokens[i]:]} if i in keep_tokens else {},
-                    with_indices=True, desc="Cutting long prompts from the left")
-    report.rows_out = int((~no_room).sum())
-    return ds if not no_room.any() else ds.select(np.flatnonzero(~no_room))
-
-
-class DPOTrainer(ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, LengthGroupedBatches, trl.DPOTrainer):
-    """TRL's DPOTrainer, taking data already tokenized by :func:`tokenize_pairs` as it is, with length-grouped
-    batches (:class:`rlhf_lm.speed.LengthGroupedBatches`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`).
-
-    Checkpoints are written atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`); on CPU the fused LM head runs
-    in small tiles (:mod:`rlhf_lm.logprob_tiles`, 2.7 GB less peak memory on the 135M real model). TRL 1.16 re-runs its per-row
-    tokenization on every dataset it is given; this skips that work when the token columns are already there (and
-    still tokenizes anything else the usual way). Precomputed reference log-probs are scored in length order, and
-    cached under a fingerprint of the model that takes 0.1 s instead of TRL's 12 s at 1.5B
-    (:func:`rlhf_lm.speed.fingerprint_module`).
-    """
-
-    def __init__(self, *args, **kwargs):
-        import trl.trainer.dpo_trainer
-
-        with fast_reference_fingerprint(trl.trainer.dpo_trainer):
-            super().__init__(*args, **kwargs)
-
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if isinstance(dataset, Dataset) and set(TOKEN_COLUMNS) <= set(dataset.column_names):
-            return with_length_column(dataset, args)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        score = super()._precompute_ref_logps
-        if not isinstance(dataset, Dataset):
-            return score(dataset, name, batch_size)
-        # TRL 1.16's evaluate() scores the reference again on a dataset that already carries its reference
-        # log-probs (e.g. trainer.evaluate(trainer.train_dataset)) and then fails on the duplicate columns.
-        if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
-            return dataset
-        # TRL's one pass walks the pairs in stored order, batches as padded as random ones: sort them instead. Its
-        # dataloader draws a seed from the global RNG, and TRL skips the pass when its cache holds the result: fork
-        # the RNG, so training batches come out the same whether the cache was warm or cold.
-        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            return in_length_order(dataset, lambda rows: score(rows, name, batch_size))
-
-
-# ------------------------------------------------------------------------------------------------------ data
-def task_root(path: str | None) -> Path | None:
-    """The built-in task directory the data comes from (it holds task.json), or None."""
-    if not path:
-        return None
-    p = Path(path)
-    for candidate in (p, p.parent, p.parent.parent):
-        if (candidate / "task.json").is_file():
-            return candidate
-    return None
-
-
-def load_pairs(cfg: DPOStageConfig, tokenizer=None) -> tuple[Dataset, Dataset | None, DataReport, DataReport]:
-    """Train / held-out pairs from the config, each with its report (``tokenizer`` decides ``hh_format: auto``)."""
-    if cfg.eval_dataset_name:  # the held-out pairs live elsewhere: train on all of dataset_name
-        keys = ("dataset_name", "dataset_config", "dataset_train_split", "data_format", "hh_format", "prompt_column",
-                "chosen_column", "rejected_column", "max_train_samples", "max_eval_samples")
-        train_args = SimpleNamespace(**{k: getattr(cfg, k) for k in keys}, dataset_eval_split=None, eval_fraction=0.0)
-        train, _, report = load_preference_data(train_args, seed=cfg.seed, tokenizer=tokenizer)
-    else:
-        train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
-    if cfg.eval_dataset_name:
-        rows = load_rows(cfg.eval_dataset_name, cfg.dataset_eval_split or "train", cfg.dataset_config)
-        eval_ds, eval_report = normalize_preferences(rows, cfg.data_format, cfg.prompt_column, cfg.chosen_column,
-                                                     cfg.rejected_column, cfg.seed, hh_as_messages(cfg, tokenizer))
-        if cfg.max_eval_samples:
-            eval_ds = eval_ds.select(range(min(cfg.max_eval_samples, len(eval_ds))))
-    else:
-        eval_report = DataReport(source=f"{report.source} (eval)", rows_in=len(eval_ds) if eval_ds is not None else 0)
-    if eval_ds is not None and len(eval_ds) == 0:
-        raise DataError(f"The eval split of {eval_report.source} is empty. Give held-out pairs (eval_dataset_name or "
-                        "dataset_eval_split), or set eval_fraction: 0 to train without one.")
-    return train, eval_ds, report, eval_report
-
-
-def token_cache_dir(cfg: DPOStageConfig) -> Path | None:
-    if not cfg.cache_tokenized:
-        return None
-    import datasets
-
-    return Path(datasets.config.HF_DATASETS_CACHE) / "rlhf_lm"
-
-
-def prepare_pairs(ds: Dataset, tokenizer, cfg: DPOStageConfig, report: DataReport, split: str,
-                  cache_dir: str | Path | None = None) -> Dataset:
-    """Tokenize (or read back from ``cache_dir``) and length-limit one split: the token columns TRL trains on."""
-    tokenized = tokenize_pairs(ds, tokenizer, num_proc=cfg.dataset_num_proc, cache_dir=cache_dir)
-    tokenized = apply_length_limit(tokenized, cfg.max_length, cfg.length_mode, report)
-    if len(tokenized) == 0:
-        raise DataError(f"No {split} pairs left after the length limit ({report.summary()}). Raise max_length or "
-                        "shorten the prompts.")
-    return tokenized
-
-
-def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
-    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
-    held-out pairs that no training pair has."""
-    from rlhf_lm.data import normalize_prompts, unseen_prompts
-
-    source = cfg.eval_prompts
-    if source is None and (root := task_root(cfg.dataset_name)) is not None:
-        source = str(root / "data" / "prompts_eval.jsonl")
-    if source is not None:
-        prompts = normalize_prompts(load_rows(source, "train"), cfg.prompt_column,
-                                    hh_as_messages(cfg, tokenizer))[0]["prompt"]
-    else:
-        train, held_out, _, _ = load_pairs(cfg, tokenizer)
-        prompts = unseen_prompts(held_out, train)
-    return prompts[: cfg.eval_num_prompts] if cfg.eval_num_prompts else prompts
-
-
-# ----------------------------------------------------------------------------------------------------- model
-def load_policy(cfg: DPOStageConfig):
-    """(policy, ref_model, peft_config) as DPOTrainer wants them for LoRA, LoRA-on-SFT, or a full fine-tune."""
-    kwargs = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                  allow_pickle_weights=cfg.allow_pickle_weights)
-    policy = load_causal_lm(cfg.model_name_or_path, **kwargs, sharded_by_trainer=True, **quantization_kwargs(cfg))
-    if cfg.sft_adapter_path:
-        from peft import PeftModel
-
-        if not (Path(cfg.sft_adapter_path) / "adapter_config.json").is_file():
-            raise ArtifactError(f"sft_adapter_path {cfg.sft_adapter_path} holds no adapter_config.json; point it at "
-                                "a saved LoRA adapter (an SFT stage's output).")
-        # No peft_config: DPOTrainer then trains this adapter and keeps a frozen copy ("ref") as the reference.
-        return PeftModel.from_pretrained(policy, cfg.sft_adapter_path, is_trainable=True), None, None
-    if cfg.use_peft:
-        return policy, None, lora_config_from_args(cfg)
-    if cfg.precompute_ref_log_probs and not cfg.ref_model_name_or_path:
-        return policy, None, None  # TRL scores the reference with the untouched policy before the first step
-    return policy, load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path, **kwargs), None
-
-
-def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
-    """How many times training visits each pair: num_train_epochs, or what max_steps amounts to."""
-    if cfg.max_steps <= 0:
-        return float(cfg.num_train_epochs)
-    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * PartialState().num_processes
-    return cfg.max_steps / math.ceil(num_pairs / pairs_per_step)
-
-
-# ------------------------------------------------------------------------------------------------------- run
-def require_model(cfg: DPOStageConfig) -> None:
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
-
-
-def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
-    """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
-    require_model(cfg)
-    quantization_kwargs(cfg)  # a QLoRA run that cannot work here fails now, not after loading and tokenizing data
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
-                               trust_remote_code=cfg.trust_remote_code, require_eos=True)
-    train, eval_ds, report, eval_report = load_pairs(cfg, tokenizer)
-    with PartialState().main_process_first():  # rank 0 writes the token cache, the others then read it
-        cache = token_cache_dir(cfg)
-        train_tok = prepare_pairs(train, tokenizer, cfg, report, "training", cache)
-        eval_tok = prepare_pairs(eval_ds, tokenizer, cfg, eval_report, "eval", cache) if eval_ds is not None else None
-    logger.info(report.summary())
-    if eval_ds is not None:
-        logger.info(eval_report.summary())
-    if eval_tok is None and cfg.eval_strategy != "no":
-        raise ConfigError(f"eval_strategy={cfg.eval_strategy} needs held-out pairs; there are none.")
-
-    if cfg.precompute_ref_log_probs is None:
-        cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
-    policy, ref_model, peft_config = load_policy(cfg)
-    callbacks = list(callbacks or [])
-    controller = build_callback(cfg.controller, stage="dpo")  # a bad controller: section fails here
-    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
-    attach_controller(trainer, controller)
-    return trainer, tokenizer, (report, eval_report)
-
-
 def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     """Train, save, then evaluate against the reference; the artifact goes to ``cfg.output_dir``.
 
@@ -521,29 +202,17 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     closing evaluation, so an evaluation failure leaves it in place (and says how to re-run only the evaluation).
     """
     state = PartialState()
-    final_dir = cfg.output_dir
-    check_output_dir(final_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
-    resume = resolve_resume(final_dir, cfg.resume_from_checkpoint)
+    resume = check_output_and_resume(cfg)
     judge, prompts = load_judge(cfg)
-    staging = (staged_output(final_dir, stage="dpo", overwrite=cfg.overwrite_output_dir,
-                             resume=cfg.resume_from_checkpoint, drop_checkpoints=True)
-               if state.is_main_process else nullcontext(partial_dir(final_dir)))
     eval_error: Exception | None = None
-    with staging as stage:
-        cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
-        try:
+    with staging(cfg, "dpo") as stage:
+        with checkpoints_in(cfg, stage):
             trainer, tokenizer, (report, eval_report) = build_trainer(cfg, callbacks)
             trainable, total = count_parameters(trainer.model)
             logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
                         "LoRA" if cfg.use_peft else "full fine-tune")
             result = trainer.train(resume_from_checkpoint=resume)
-        finally:
-            cfg.output_dir = final_dir
-        metrics: dict[str, float] = {"train/loss": result.training_loss,
-                                     "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
-                                     "train/steps": float(trainer.state.global_step),
-                                     "train/trainable_params": float(trainable),
-                                     **state_bytes_per_rank(trainer.model, trainer.optimizer)}
+        metrics = train_metrics(result, trainer, trainable, steps=True)
         # Under FSDP the policy is sharded: saving gathers it and every forward (generation included) is collective,
         # so every rank takes part in both, on the same prompts with the same seed; only the main process writes.
         every_rank = is_sharded(trainer.model)
@@ -563,7 +232,7 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             write_metrics(cfg, stage, metrics, report, eval_report, eval_error, controller_metrics(trainer))
         state.wait_for_everyone()
     if eval_error is not None:
-        raise EvaluationError(f"The DPO policy was trained and saved to {final_dir}, but the closing evaluation "
+        raise EvaluationError(f"The DPO policy was trained and saved to {cfg.output_dir}, but the closing evaluation "
                               f"failed: {describe(eval_error).rstrip('.')}. Re-run only the evaluation with: "
                               f"{evaluate_command(cfg)}") from eval_error
     return metrics
@@ -589,23 +258,74 @@ def load_judge(cfg: DPOStageConfig) -> tuple[Any, list[Any] | None]:
     return reward, prompts
 
 
-def evaluate_command(cfg: DPOStageConfig) -> str:
-    """The `rlhf-lm evaluate` command that re-runs this stage's closing evaluation on its saved output."""
-    parts = ["rlhf-lm evaluate", f"--policy_path {cfg.output_dir}", f"--output_dir {cfg.output_dir}-eval"]
-    prompts = cfg.eval_prompts or (str(root / "data" / "prompts_eval.jsonl")
-                                   if (root := task_root(cfg.dataset_name)) else None)
-    if prompts:
-        parts.append(f"--prompts {prompts}")
-    if cfg.reward_model:
-        parts.append(f"--reward_model {cfg.reward_model}")
-    if cfg.eval_dataset_name:
-        parts.append(f"--pairs {cfg.eval_dataset_name} --beta {cfg.beta}")
-    if cfg.eval_num_prompts:
-        parts.append(f"--num_prompts {cfg.eval_num_prompts}")
-    if cfg.eval_gold is not None:
-        parts.append(f"--gold {str(cfg.eval_gold).lower()}")
-    parts.append(f"--max_new_tokens {cfg.eval_max_new_tokens} --temperature {cfg.eval_temperature} --seed {cfg.seed}")
-    return " ".join(parts)
+def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
+    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
+    held-out pairs that no training pair has."""
+    from rlhf_lm.data import unseen_prompts
+
+    def unseen_held_out_prompts() -> list[Any]:
+        train, held_out, _, _ = load_pairs(cfg, tokenizer)
+        return unseen_prompts(held_out, train)
+
+    return closing_eval_prompts(cfg.eval_prompts, "train", cfg.prompt_column, hh_as_messages(cfg, tokenizer),
+                                cfg.dataset_name, unseen_held_out_prompts, cfg.eval_num_prompts)[0]
+
+
+def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
+    """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
+    require_model(cfg)
+    quantization_kwargs(cfg)  # a QLoRA run that cannot work here fails now, not after loading and tokenizing data
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
+                               trust_remote_code=cfg.trust_remote_code, require_eos=True)
+    train, eval_ds, report, eval_report = load_pairs(cfg, tokenizer)
+    with PartialState().main_process_first():  # rank 0 writes the token cache, the others then read it
+        cache = token_cache_dir(cfg.cache_tokenized)
+        train_tok = prepare_pairs(train, tokenizer, cfg, report, "training", cache)
+        eval_tok = prepare_pairs(eval_ds, tokenizer, cfg, eval_report, "eval", cache) if eval_ds is not None else None
+    logger.info(report.summary())
+    if eval_ds is not None:
+        logger.info(eval_report.summary())
+    if eval_tok is None and cfg.eval_strategy != "no":
+        raise ConfigError(f"eval_strategy={cfg.eval_strategy} needs held-out pairs; there are none.")
+
+    if cfg.precompute_ref_log_probs is None:
+        cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
+    policy, ref_model, peft_config = load_policy_and_reference(cfg)
+    callbacks = list(callbacks or [])
+    controller = build_callback(cfg.controller, stage="dpo")  # a bad controller: section fails here
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+    attach_controller(trainer, controller)
+    return trainer, tokenizer, (report, eval_report)
+
+
+def require_model(cfg: DPOStageConfig) -> None:
+    if not cfg.model_name_or_path:
+        raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
+
+
+def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
+    """How many times training visits each pair: num_train_epochs, or what max_steps amounts to."""
+    if cfg.max_steps <= 0:
+        return float(cfg.num_train_epochs)
+    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * PartialState().num_processes
+    return cfg.max_steps / math.ceil(num_pairs / pairs_per_step)
+
+
+def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
+    """The trained policy (adapter or full model) and its tokenizer. Called by every rank when the policy is
+    sharded (gathering it is collective); only the main process writes."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state_dict = full_state_dict(model) if is_sharded(model) else None
+    if not trainer.accelerator.is_main_process:
+        return
+    if cfg.use_peft:  # only the trained adapter, not TRL's "ref" copy of an SFT adapter
+        model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict)
+    elif state_dict is not None:
+        model.save_pretrained(stage, state_dict=state_dict, safe_serialization=True)
+    else:
+        trainer.save_model(str(stage))
+    tokenizer.save_pretrained(stage)
 
 
 def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: Path, prompts: list[Any] | None = None,
@@ -635,34 +355,32 @@ def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: P
     return metrics
 
 
-def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
-    """The trained policy (adapter or full model) and its tokenizer. Called by every rank when the policy is
-    sharded (gathering it is collective); only the main process writes."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    state_dict = full_state_dict(model) if is_sharded(model) else None
-    if not trainer.accelerator.is_main_process:
-        return
-    if cfg.use_peft:  # only the trained adapter, not TRL's "ref" copy of an SFT adapter
-        model.save_pretrained(stage, selected_adapters=["default"], safe_serialization=True, state_dict=state_dict)
-    elif state_dict is not None:
-        model.save_pretrained(stage, state_dict=state_dict, safe_serialization=True)
-    else:
-        trainer.save_model(str(stage))
-    tokenizer.save_pretrained(stage)
-
-
 def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], report: DataReport,
                   eval_report: DataReport, eval_error: Exception | None = None,
                   controller: dict[str, Any] | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline), with the evaluation's failure if any."""
-    config = cfg.to_dict()
-    config.pop("logging_dir", None)
     reference = ("sft_adapter" if cfg.sft_adapter_path else "base (adapters off)" if cfg.use_peft
                  else "ref_model")
-    extra = {"evaluation_error": describe(eval_error)} if eval_error is not None else {}
-    write_json(stage / METRICS_FILE, {"metrics": metrics, "reference": reference, **extra, **(controller or {}),
-                                      "data": {"train": report.as_dict(), "eval": eval_report.as_dict()},
-                                      "config": json.loads(json.dumps(config, default=str))})
+    write_stage_metrics(stage, metrics, (report, eval_report), json.loads(json.dumps(config_record(cfg), default=str)),
+                        eval_error, reference=reference, **(controller or {}))
+
+
+def evaluate_command(cfg: DPOStageConfig) -> str:
+    """The `rlhf-lm evaluate` command that re-runs this stage's closing evaluation on its saved output."""
+    parts = ["rlhf-lm evaluate", f"--policy_path {cfg.output_dir}", f"--output_dir {cfg.output_dir}-eval"]
+    prompts = cfg.eval_prompts or task_eval_prompts(cfg.dataset_name)
+    if prompts:
+        parts.append(f"--prompts {prompts}")
+    if cfg.reward_model:
+        parts.append(f"--reward_model {cfg.reward_model}")
+    if cfg.eval_dataset_name:
+        parts.append(f"--pairs {cfg.eval_dataset_name} --beta {cfg.beta}")
+    if cfg.eval_num_prompts:
+        parts.append(f"--num_prompts {cfg.eval_num_prompts}")
+    if cfg.eval_gold is not None:
+        parts.append(f"--gold {str(cfg.eval_gold).lower()}")
+    parts.append(f"--max_new_tokens {cfg.eval_max_new_tokens} --temperature {cfg.eval_temperature} --seed {cfg.seed}")
+    return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,9 +166,10 @@ def load_models(cfg: EvaluateStageConfig):
 
 
 def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, float]:  # trains nothing: no events
-    from rlhf_lm.data import hh_as_messages, load_rows, normalize_prompts
+    from rlhf_lm.data import hh_as_messages
     from rlhf_lm.evaluation import evaluate_policy
-    from rlhf_lm.stages.dpo import task_root
+    from rlhf_lm.stages.common import closing_eval_prompts
+    from rlhf_lm.task import task_root
 
     if not cfg.policy_path:
         raise ConfigError("Set policy_path: the output dir of a dpo / ppo / grpo stage (or any model dir).")
@@ -177,15 +178,9 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
     check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
     policy, reference, tokenizer = load_models(cfg)
     trained = _training_config(cfg.policy_path)
-    prompts_source = cfg.prompts
-    if prompts_source is None and (root := task_root(trained.get("dataset_name"))) is not None:
-        prompts_source = str(root / "data" / "prompts_eval.jsonl")
-    if prompts_source is not None:
-        prompts = normalize_prompts(load_rows(prompts_source, cfg.prompts_split), cfg.prompt_column,
-                                    hh_as_messages(trained_or_auto(trained), tokenizer))[0]["prompt"]
-    else:
-        prompts = _prompts_held_out_in_training(cfg, trained, tokenizer)
-    prompts = prompts[: cfg.num_prompts] if cfg.num_prompts else prompts
+    prompts, prompts_source = closing_eval_prompts(
+        cfg.prompts, cfg.prompts_split, cfg.prompt_column, hh_as_messages(trained_or_auto(trained), tokenizer),
+        trained.get("dataset_name"), lambda: _prompts_held_out_in_training(cfg, trained, tokenizer), cfg.num_prompts)
     reward = None
     if cfg.reward_model:
         from rlhf_lm.rewards import load_reward, probe_reward
@@ -209,7 +204,7 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
 def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer, data: dict) -> dict[str, float]:
     from rlhf_lm.data import load_rows, normalize_preferences
     from rlhf_lm.evaluation import implicit_reward_accuracy
-    from rlhf_lm.stages.dpo import apply_length_limit, tokenize_pairs
+    from rlhf_lm.preference_pairs import apply_length_limit, tokenize_pairs
 
     pairs, report = normalize_preferences(load_rows(cfg.pairs, cfg.pairs_split))
     tokenized = apply_length_limit(tokenize_pairs(pairs, tokenizer), cfg.max_length, "drop", report)

@@ -2,10 +2,8 @@
 
     rlhf-lm grpo --config recipes/builtin/grpo.yaml --reward_model runs/reward [--key value ...]
 
-TRL does the algorithm; this stage adds what it lacks for our recipes: the same reward specs as PPO (``gold``, a
-reward-stage directory, ``pkg.mod:Name``, ``file.py:Name``) wrapped as TRL reward functions with a NaN / shape check
-that names the reward, counted prompt-length filtering, and the stage contract (adapter + tokenizer + metrics.json
-in ``output_dir``, written via ``staged_output``). ``rloo`` reuses all of it with TRL's RLOOTrainer.
+TRL does the algorithm; :mod:`rlhf_lm.online_rl` adds what it lacks for our recipes (the same reward specs as PPO,
+counted prompt-length filtering, the stage contract), shared with ``rloo``, which runs TRL's RLOOTrainer instead.
 
 Engines (docs/distributed.md): one process, DDP and FSDP2 (TRL generates from the shards; the adapter is gathered for
 saving). Run in 2 CPU processes in CI (tests/test_fsdp.py); DeepSpeed and GPUs: config only, not run.
@@ -13,20 +11,10 @@ saving). Run in 2 CPU processes in CI (tests/test_fsdp.py); DeepSpeed and GPUs: 
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from rlhf_lm.artifacts import (
-    METRICS_FILE,
-    AtomicCheckpoints,
-    check_output_dir,
-    resolve_resume,
-    staged_output,
-    write_json,
-)
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -34,60 +22,7 @@ from rlhf_lm.configs import (
     TrainingDefaults,
     parse_config,
 )
-from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
-from rlhf_lm.errors import ConfigError, DataError
-from rlhf_lm.fsdp import ShardedOnCPU, full_state_dict, is_sharded
-from rlhf_lm.logprob_tiles import FallbackLogProbTiles
-from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
-from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
-
-logger = logging.getLogger(__name__)
-
-
-def without_config_fields(options: dict, cfg) -> dict:
-    """``options`` minus those the trainer's config sets itself (TRL reads top_k, top_p, ... from its own fields)."""
-    return {k: v for k, v in options.items() if not hasattr(cfg, k) or getattr(cfg, k) is None}
-
-
-def reward_name(spec: str) -> str:
-    return spec.rstrip("/").rpartition("/")[-1].replace(":", ".") or "reward"
-
-
-def filter_prompts(ds, tokenizer, max_prompt_length: int | None, report):
-    """Drop (and count) prompts longer than ``max_prompt_length`` tokens; TRL would truncate them silently."""
-    if not max_prompt_length:
-        return ds
-
-    def length(prompt) -> int:
-        return len(tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"])
-
-    keep = [i for i, p in enumerate(ds["prompt"]) if length(p) <= max_prompt_length]
-    if len(keep) < len(ds):
-        report.drop(f"prompt over max_prompt_length={max_prompt_length} tokens", len(ds) - len(keep))
-        report.rows_out = len(keep)
-    if not keep:
-        raise DataError(f"No prompts of at most max_prompt_length={max_prompt_length} tokens ({report.summary()}).")
-    return ds.select(keep)
-
-
-@dataclass
-class OnlineRLArguments:
-    """What GRPO and RLOO add to TRL's config: a reward spec and counted prompt-length filtering."""
-
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
-                          "'file.py:Name'."},
-    )
-    share_reward_base: bool = field(
-        default=True,
-        metadata={"help": "A reward-stage LoRA reward model trained on the policy's own base checkpoint (same config "
-                          "and weights, same tokenizer) is loaded as a second adapter on the policy's base instead "
-                          "of a second copy of the weights (needs use_peft). false: always a separate model."},
-    )
-    max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
-    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (this stage reads prompts only)."})
+from rlhf_lm.online_rl import OnlineRLArguments, run_online
 
 
 @dataclass
@@ -99,98 +34,6 @@ class GRPOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, Controll
 
 
 CONFIG = GRPOStageConfig
-
-
-def with_atomic_checkpoints(trainer_cls: type) -> type:
-    """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`), with FSDP2
-    on CPU ranks (:class:`rlhf_lm.fsdp.ShardedOnCPU`) and small log-prob tiles on CPU (:mod:`rlhf_lm.logprob_tiles`)."""
-    return type(trainer_cls.__name__, (ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, trainer_cls), {})
-
-
-def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> dict[str, float]:
-    """Load model, tokenizer, prompts and reward; train with ``trainer_cls`` (GRPOTrainer / RLOOTrainer); save."""
-    from peft import get_peft_model
-    from transformers import set_seed
-
-    from rlhf_lm.data import load_prompt_data
-    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
-    from rlhf_lm.shared_reward import PolicyAdapterOnlySaves, resolve_reward
-
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
-    if not cfg.reward_model:
-        raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
-    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
-    place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
-                               trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
-    train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
-    train = filter_prompts(train, tokenizer, cfg.max_prompt_length, report)
-    if eval_ds is not None:
-        eval_ds = filter_prompts(eval_ds, tokenizer, cfg.max_prompt_length, report)
-    logger.info(report.summary())
-    set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
-    model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
-                           allow_pickle_weights=cfg.allow_pickle_weights, sharded_by_trainer=True)
-    peft_config = lora_config_from_args(cfg)
-    if peft_config is not None:
-        # Wrapped here rather than via peft_config=: TRL then sees a PeftModel and, with beta > 0, uses the
-        # adapter-free base as its reference (no second copy of the weights).
-        model = get_peft_model(model, peft_config)
-    # A reward-stage adapter trained on the same base goes onto the policy's weights (one base copy of the weights).
-    reward, reward_layout = place_reward(model, tokenizer)
-    reward_fn = TRLRewardFunction(reward, reward_name(cfg.reward_model))
-    callbacks = list(callbacks or [])
-    controller = build_callback(cfg.controller, stage=stage)  # a bad controller: section fails here
-
-    # TRL sets temperature, top_k, top_p, min_p and repetition_penalty from the config, but min_p's default (None)
-    # and every option it does not set are filled from the checkpoint's generation_config: pin them to neutral, as
-    # our PPO does, so samples come from the softmax the loss is computed on. The recipe's own choices win.
-    cfg.generation_kwargs = {**without_config_fields(NEUTRAL_SAMPLING, cfg), **(cfg.generation_kwargs or {})}
-    final_dir = cfg.output_dir
-    # Checkpoints are written atomically, and no save writes a shared reward adapter as if it had been trained here.
-    trainer_cls = with_atomic_checkpoints(type(trainer_cls.__name__, (PolicyAdapterOnlySaves, trainer_cls), {}))
-    with staged_output(final_dir, stage=stage, overwrite=cfg.overwrite_output_dir,
-                       resume=cfg.resume_from_checkpoint) as out:
-        cfg.output_dir = str(out)
-        try:
-            trainer = trainer_cls(model=model, reward_funcs=[reward_fn], args=cfg, train_dataset=train,
-                                  eval_dataset=eval_ds if cfg.eval_strategy != "no" else None,
-                                  processing_class=tokenizer, callbacks=callbacks)
-            attach_controller(trainer, controller)
-            start = time.perf_counter()
-            result = trainer.train(resume_from_checkpoint=resume or None)
-            runtime = time.perf_counter() - start
-            save_policy(trainer, out)
-        finally:
-            cfg.output_dir = final_dir
-        history = trainer.state.log_history
-        train_logs = [h for h in history if f"rewards/{reward_fn.__name__}/mean" in h]
-        metrics = {"train_loss": result.training_loss, "train_runtime": runtime}
-        if train_logs:
-            metrics["reward/first"] = train_logs[0]["reward"]
-            metrics["reward/last"] = train_logs[-1]["reward"]
-        if trainer.accelerator.is_main_process:
-            tokenizer.save_pretrained(out)
-            write_json(out / METRICS_FILE, {**metrics, "num_processes": trainer.accelerator.num_processes,
-                                            "distributed_type": str(trainer.accelerator.distributed_type),
-                                            "data_report": report.as_dict(), "reward_layout": reward_layout,
-                                            "log_history": history,
-                                            "config": cfg.to_dict(), **controller_metrics(trainer)})
-    return metrics
-
-
-def save_policy(trainer, out) -> None:
-    """The trained adapter (or full model). Under FSDP every rank gathers it and the main process writes it whatever
-    the launch's fsdp_state_dict_type (transformers' save_model writes nothing for SHARDED_STATE_DICT)."""
-    if not is_sharded(trainer.model):
-        trainer.save_model(str(out))
-        return
-    state_dict = full_state_dict(trainer.model)
-    if trainer.accelerator.is_main_process:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out, state_dict=state_dict,
-                                                                          safe_serialization=True)
 
 
 def run(cfg: GRPOStageConfig, callbacks: list | None = None) -> dict[str, float]:

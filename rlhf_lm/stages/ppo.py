@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, resolve_resume, staged_output, write_json
+from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -33,6 +33,7 @@ from rlhf_lm.controller import attach_controller, build_callback, controller_met
 from rlhf_lm.errors import ConfigError
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
+from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
         raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
     if not cfg.reward_model:
         raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
-    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resume = check_output_and_resume(cfg)
     place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
                                trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
@@ -95,11 +95,9 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     callbacks = list(callbacks or [])  # our trainer sends transformers' TrainerCallback events, as TRL's do
     controller = build_callback(cfg.controller, stage="ppo")  # a bad controller: section fails here
 
-    final_dir = cfg.output_dir
-    with staged_output(final_dir, stage="ppo", overwrite=cfg.overwrite_output_dir,
+    with staged_output(cfg.output_dir, stage="ppo", overwrite=cfg.overwrite_output_dir,
                        resume=cfg.resume_from_checkpoint) as out:
-        cfg.output_dir = str(out)  # checkpoints go to the partial dir until the run succeeds
-        try:
+        with checkpoints_in(cfg, out):  # checkpoints go to the partial dir until the run succeeds
             trainer = PPOTrainer(model, cfg, tokenizer, reward, train["prompt"],
                                  eval_prompts=eval_ds["prompt"] if eval_ds is not None else None,
                                  callbacks=callbacks, data_report=report)
@@ -110,8 +108,6 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             final["train_runtime"] = time.perf_counter() - start
             trainer.save_model(out)
             memory = state_bytes_per_rank(trainer.unwrapped, trainer.optimizer)
-        finally:
-            cfg.output_dir = final_dir
         if trainer.accelerator.is_main_process:
             write_json(out / METRICS_FILE, {
                 **final,

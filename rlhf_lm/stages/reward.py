@@ -22,24 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import trl
 from trl import RewardConfig
 
-from rlhf_lm.artifacts import (
-    METRICS_FILE,
-    AtomicCheckpoints,
-    check_output_dir,
-    partial_dir,
-    resolve_resume,
-    staged_output,
-    write_json,
-)
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -52,19 +41,29 @@ from rlhf_lm.configs import (
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.data import DataReport, load_preference_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
-from rlhf_lm.fsdp import ShardedOnCPU, fsdp_requested, full_state_dict, is_sharded, state_bytes_per_rank
+from rlhf_lm.evaluation import evaluate_pairs
+from rlhf_lm.fsdp import fsdp_requested, full_state_dict, is_sharded
 from rlhf_lm.modeling import (
+    check_length_room,
+    classifier_head_name,
     count_parameters,
-    ensure_special_tokens,
+    load_reward_tokenizer,
     load_sequence_classifier,
-    load_tokenizer,
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.reward_metrics import preference_metrics
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
-from rlhf_lm.speed import LengthGroupedBatches
+from rlhf_lm.stages.common import (
+    check_output_and_resume,
+    checkpoints_in,
+    config_record,
+    staging,
+    train_metrics,
+    write_stage_metrics,
+)
+from rlhf_lm.task import task_root
+from rlhf_lm.trainers import RewardTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -113,97 +112,6 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
 CONFIG = RewardStageConfig
 
 
-class RewardTrainer(ShardedOnCPU, AtomicCheckpoints, LengthGroupedBatches, trl.RewardTrainer):
-    """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`), atomic
-    checkpoints (:class:`rlhf_lm.artifacts.AtomicCheckpoints`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`)."""
-
-
-def task_root(dataset_name: str | None) -> Path | None:
-    """The built-in task directory the data comes from (it holds task.json), or None."""
-    if not dataset_name:
-        return None
-    path = Path(dataset_name)
-    for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "task.json").is_file():
-            return candidate
-    return None
-
-
-def _head_name(model: torch.nn.Module) -> str:
-    """The classification head to train in full and save with the adapter: `score` (decoders), `classifier` (BERT)."""
-    for name in ("score", "classifier"):
-        if hasattr(model, name):
-            return name
-    raise ConfigError(f"{type(model).__name__} has no `score` or `classifier` head; cannot train it as a reward model.")
-
-
-def _check_head_saved(directory: Path, head: str) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
-        if not any(f".{head}." in key for key in f.keys()):
-            raise ArtifactError(f"The saved adapter in {directory} lacks the `{head}` head; the reward model would "
-                                "reload with a random head. Keep it in lora_modules_to_save.")
-
-
-def _text_len(value: Any, tokenizer) -> int:
-    text = value if isinstance(value, str) else " ".join(m["content"] for m in value)
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def evaluate_pairs(reward: ClassifierReward, pairs, gold: bool = False) -> dict[str, float]:
-    """All reward metrics on prompt/chosen/rejected rows, scored by ``reward`` as it will be scored downstream."""
-    prompts, chosen, rejected = pairs["prompt"], pairs["chosen"], pairs["rejected"]
-    r_c, r_r = reward.raw_scores(prompts, chosen), reward.raw_scores(prompts, rejected)
-    lens_c = torch.tensor([_text_len(c, reward.tokenizer) for c in chosen])
-    lens_r = torch.tensor([_text_len(r, reward.tokenizer) for r in rejected])
-    gold_c = gold_r = None
-    if gold:
-        from rlhf_lm.task import gold_reward
-
-        gold_c = torch.tensor([gold_reward(p, c) for p, c in zip(prompts, chosen, strict=True)])
-        gold_r = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, rejected, strict=True)])
-    return preference_metrics(r_c, r_r, lens_c, lens_r, gold_c, gold_r)
-
-
-def load_reward_tokenizer(cfg: RewardStageConfig):
-    """The backbone's tokenizer with the EOS token RewardTrainer appends (``eos_token`` in the recipe wins; BERT-style
-    tokenizers use SEP) and a pad token; a clear ConfigError when neither can be found."""
-    source = cfg.tokenizer_name_or_path or cfg.model_name_or_path
-    try:
-        tokenizer = load_tokenizer(source, padding_side="right", trust_remote_code=cfg.trust_remote_code)
-    except ConfigError:  # neither pad nor EOS: fine only if the recipe names the EOS token to use
-        if cfg.eos_token is None:
-            raise ConfigError(f"The tokenizer of {source} has no EOS, SEP or pad token; RewardTrainer ends every "
-                              "text with EOS and the classifier reads its score there. Set eos_token in the recipe "
-                              "to a token of its vocabulary.") from None
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-        tokenizer.padding_side = "right"
-    if cfg.eos_token is not None:
-        if cfg.eos_token not in tokenizer.get_vocab():
-            raise ConfigError(f"eos_token '{cfg.eos_token}' is not in the vocabulary of the tokenizer of {source}. "
-                              "Choose one of its tokens.")
-        tokenizer.eos_token = cfg.eos_token
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = cfg.eos_token
-    ensure_special_tokens(tokenizer, source=source, require_eos=True)
-    return tokenizer
-
-
-def check_length_room(max_length: int | None, tokenizer) -> None:
-    """``max_length`` must fit a prompt token, a response token, the EOS RewardTrainer appends and the tokenizer's
-    own special tokens; otherwise TRL drops every pair and fails deep in its sampler."""
-    if max_length is None:
-        return
-    needed = 3 + tokenizer.num_special_tokens_to_add()
-    if max_length < needed:
-        raise ConfigError(f"max_length={max_length} leaves no room for a prompt and a response: this tokenizer needs "
-                          f"at least {needed} tokens (one of prompt, one of response, EOS and its special tokens). "
-                          "Raise max_length.")
-
-
 def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, float]:
     from accelerate import PartialState
     from transformers import set_seed
@@ -215,8 +123,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
     if cfg.merge_adapter and fsdp_requested():
         raise ConfigError("merge_adapter: true is not supported under FSDP: a sharded model cannot be merged in "
                           "place. Remove merge_adapter from the recipe and merge the saved adapter in one process.")
-    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
-    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    resume = check_output_and_resume(cfg)
     tokenizer = load_reward_tokenizer(cfg)
     check_length_room(cfg.max_length, tokenizer)
     train, eval_ds, report = load_preference_data(cfg, seed=cfg.seed, tokenizer=tokenizer)
@@ -225,7 +132,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
         model = load_sequence_classifier(cfg.model_name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                                          allow_pickle_weights=cfg.allow_pickle_weights, sharded_by_trainer=True,
                                          **quantization_kwargs(cfg))
-    head = _head_name(model)
+    head = classifier_head_name(model)
 
     limit = getattr(model.config, "max_position_embeddings", None)
     if cfg.max_length is None or (limit and cfg.max_length > limit):
@@ -247,14 +154,9 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
     callbacks = list(callbacks or [])
     controller = build_callback(cfg.controller, stage="reward")  # a bad controller: section fails here
 
-    final_dir = cfg.output_dir
-    staging = (staged_output(final_dir, stage="reward", overwrite=cfg.overwrite_output_dir,
-                             resume=cfg.resume_from_checkpoint, drop_checkpoints=True)
-               if state.is_main_process else nullcontext(partial_dir(final_dir)))
     measure_error: Exception | None = None
-    with staging as stage:
-        cfg.output_dir = str(stage)  # checkpoints go to the staging dir, so a crash leaves them for resuming
-        try:
+    with staging(cfg, "reward") as stage:
+        with checkpoints_in(cfg, stage):
             trainer = RewardTrainer(model=model, args=cfg, train_dataset=train, eval_dataset=eval_ds,
                                     processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
             attach_controller(trainer, controller)
@@ -270,13 +172,8 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
             logger.info("Training %s of %s parameters (%s).", f"{trainable:,}", f"{total:,}",
                         "LoRA + head" if peft_config else "full fine-tune")
             result = trainer.train(resume_from_checkpoint=resume)
-        finally:
-            cfg.output_dir = final_dir
 
-        metrics: dict[str, float] = {"train/loss": result.training_loss,
-                                     "train/runtime_s": result.metrics.get("train_runtime", float("nan")),
-                                     "train/trainable_params": float(trainable),
-                                     **state_bytes_per_rank(trainer.model, trainer.optimizer)}
+        metrics = train_metrics(result, trainer, trainable)
         # Under FSDP the model is sharded: saving gathers it and every forward is collective, so every rank takes
         # part in both (the same texts on each, so they stay in step); only the main process writes.
         sharded = is_sharded(trainer.model)
@@ -293,7 +190,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
                           measure_error)
         state.wait_for_everyone()
     if measure_error is not None:
-        raise EvaluationError(f"The reward model was trained and saved to {final_dir}, but measuring it failed: "
+        raise EvaluationError(f"The reward model was trained and saved to {cfg.output_dir}, but measuring it failed: "
                               f"{describe(measure_error).rstrip('.')}. Its metrics.json lacks the evaluation and "
                               "reward_mean / reward_std; fix the cause and re-run the stage with "
                               "--overwrite_output_dir true.") from measure_error
@@ -319,6 +216,15 @@ def save_reward_model(cfg, trainer, tokenizer, head: str, stage: Path, is_peft: 
         _check_head_saved(stage, head)
 
 
+def _check_head_saved(directory: Path, head: str) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
+        if not any(f".{head}." in key for key in f.keys()):
+            raise ArtifactError(f"The saved adapter in {directory} lacks the `{head}` head; the reward model would "
+                                "reload with a random head. Keep it in lora_modules_to_save.")
+
+
 def measure(cfg, trainer, tokenizer, train, eval_ds) -> dict[str, Any]:
     """Eval metrics and the reward mean / std over the training responses (for normalising downstream)."""
     reward = ClassifierReward(trainer.model, tokenizer, batch_size=max(cfg.per_device_eval_batch_size, 32),
@@ -338,18 +244,13 @@ def measure(cfg, trainer, tokenizer, train, eval_ds) -> dict[str, Any]:
 def write_metrics(cfg, trainer, stage: Path, metrics: dict[str, float], extra: dict[str, Any], report: DataReport,
                   eval_report: DataReport, is_peft: bool, error: Exception | None = None) -> None:
     """metrics.json, written last: it marks the stage finished (for a pipeline)."""
-    config = cfg.to_dict()
-    config.pop("logging_dir", None)
     base = Path(cfg.model_name_or_path)
     # Where the base is relative to the artifact, so the pair of folders can move together (see ClassifierReward).
     relative = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve()) if is_peft and base.is_dir() else None
-    write_json(stage / METRICS_FILE, {
-        "metrics": metrics, **extra, "base_model_relative": relative,
-        **({"evaluation_error": describe(error)} if error is not None else {}),
-        "data": {"train": report.as_dict(), "eval": eval_report.as_dict()}, "config": config,
-        "log_history": trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
-        **controller_metrics(trainer),
-    })
+    write_stage_metrics(stage, metrics, (report, eval_report), config_record(cfg), error, **extra,
+                        base_model_relative=relative,
+                        log_history=trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
+                        **controller_metrics(trainer))
 
 
 def main(argv: list[str] | None = None) -> int:

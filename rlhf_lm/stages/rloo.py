@@ -2,7 +2,7 @@
 
     rlhf-lm rloo --config recipes/builtin/rloo.yaml --reward_model runs/reward [--key value ...]
 
-Same reward specs, LoRA, length filtering and outputs as the ``grpo`` stage (see :mod:`rlhf_lm.stages.grpo`).
+Same reward specs, LoRA, length filtering and outputs as the ``grpo`` stage (see :mod:`rlhf_lm.online_rl`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from rlhf_lm.configs import (
     TrainingDefaults,
     parse_config,
 )
-from rlhf_lm.stages.grpo import OnlineRLArguments, run_online
+from rlhf_lm.online_rl import OnlineRLArguments, run_online
 
 
 @dataclass

@@ -1,0 +1,101 @@
+"""Steps that more than one stage takes, written once: where a training run writes while it runs, the metrics every
+trained stage reports, ``metrics.json`` and its config record, and which held-out prompts a closing evaluation
+samples on.
+
+A stage module calls these in the order it runs them; nothing here decides what a stage trains or how.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, partial_dir, resolve_resume, staged_output, write_json
+from rlhf_lm.data import DataReport, load_rows, normalize_prompts
+from rlhf_lm.errors import describe
+from rlhf_lm.fsdp import state_bytes_per_rank
+from rlhf_lm.task import task_eval_prompts
+
+
+def check_output_and_resume(cfg) -> str | None:
+    """The checkpoint to resume from (None: start afresh), after checking ``cfg.output_dir`` may be written: both
+    before anything is loaded, so a wrong directory or a missing checkpoint fails in a second."""
+    check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir, resume=cfg.resume_from_checkpoint)
+    return resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+
+
+def staging(cfg, stage: str):
+    """The directory a training run writes into until it has finished (see :func:`rlhf_lm.artifacts.staged_output`).
+
+    Only the main process stages (and finally moves) it; the other ranks write their share of a checkpoint to the
+    same partial directory."""
+    if PartialState().is_main_process:
+        return staged_output(cfg.output_dir, stage=stage, overwrite=cfg.overwrite_output_dir,
+                             resume=cfg.resume_from_checkpoint, drop_checkpoints=True)
+    return nullcontext(partial_dir(cfg.output_dir))
+
+
+@contextmanager
+def checkpoints_in(cfg, stage: Path) -> Iterator[None]:
+    """``cfg.output_dir`` pointed at the staging dir while the trainer is built and trains, so its checkpoints go
+    there (a crash leaves them for resuming); the final output dir is put back however training ends."""
+    final_dir = cfg.output_dir
+    cfg.output_dir = str(stage)
+    try:
+        yield
+    finally:
+        cfg.output_dir = final_dir
+
+
+def train_metrics(result, trainer, trainable: int, steps: bool = False) -> dict[str, float]:
+    """What a trained stage reports of its training: final loss, runtime, optimizer steps (``steps``: DPO reports
+    them, the reward stage never has), trainable parameters, and the memory the weights, gradients and optimizer
+    state take per rank."""
+    metrics = {"train/loss": result.training_loss,
+               "train/runtime_s": result.metrics.get("train_runtime", float("nan"))}
+    if steps:
+        metrics["train/steps"] = float(trainer.state.global_step)
+    return {**metrics, "train/trainable_params": float(trainable),
+            **state_bytes_per_rank(trainer.model, trainer.optimizer)}
+
+
+def config_record(cfg) -> dict[str, Any]:
+    """The config as ``metrics.json`` records it: TRL's ``to_dict()`` without ``logging_dir`` (where TensorBoard
+    logs go, not how the model was trained)."""
+    config = cfg.to_dict()
+    config.pop("logging_dir", None)
+    return config
+
+
+def write_stage_metrics(stage: Path, metrics: dict[str, float], reports: tuple[DataReport, DataReport],
+                        config: dict[str, Any], error: Exception | None = None, **fields: Any) -> None:
+    """A trained stage's metrics.json, written last: it marks the stage finished (for a pipeline).
+
+    ``metrics`` are the final numbers, ``reports`` say which training / held-out rows were used, dropped or cut,
+    ``error`` is the closing evaluation's failure (the model is saved all the same), and ``fields`` are what the
+    stage adds of its own (the DPO reference, the reward model's mean and std, ...)."""
+    train, held_out = reports
+    write_json(stage / METRICS_FILE, {
+        "metrics": metrics, **fields, **({"evaluation_error": describe(error)} if error is not None else {}),
+        "data": {"train": train.as_dict(), "eval": held_out.as_dict()}, "config": config,
+    })
+
+
+def closing_eval_prompts(source: str | None, split: str, column: str, hh_messages: bool, data_path: str | None,
+                         held_out: Callable[[], list[Any]], limit: int | None = None) -> tuple[list[Any], str | None]:
+    """The held-out prompts a closing evaluation samples on, and the prompt source read (None: ``held_out()``).
+
+    In order: ``source`` (a prompt file, directory or dataset, its ``split``); else the built-in task's
+    ``prompts_eval.jsonl`` when the training data ``data_path`` comes from a task dir; else ``held_out()``, the
+    training run's own held-out prompts. Only the first ``limit`` are kept when it is set.
+    """
+    source = source if source is not None else task_eval_prompts(data_path)
+    if source is not None:
+        prompts = normalize_prompts(load_rows(source, split), column, hh_messages)[0]["prompt"]
+    else:
+        prompts = held_out()
+    return (prompts[:limit] if limit else prompts), source
