@@ -24,6 +24,16 @@ def field_names(config_cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(config_cls) if f.init]
 
 
+def unread_keys(config_cls: type) -> dict[str, str]:
+    """The keys ``config_cls`` inherits but does not read (``configs.unread_field``), each with why."""
+    return {f.name: f.metadata["unread"] for f in dataclasses.fields(config_cls) if "unread" in f.metadata}
+
+
+def unread_key_error(key: str, config_cls: type, source: str) -> ConfigError:
+    return ConfigError(f"{key} in {source} is not read by {config_cls.__name__}: {unread_keys(config_cls)[key]}. "
+                       "Remove it.")
+
+
 # Names other tools use for our keys (PEFT's `r`, Axolotl / torchtune's `lora_rank`, ...): spelling distance alone
 # suggests the wrong key for these (`lora_rank` is closer to `local_rank` than to `lora_r`).
 KEY_ALIASES = {
@@ -112,6 +122,8 @@ def check_keys(keys: list[str], config_cls: type, source: str) -> None:
     """Raise a ConfigError for any key that is not a field of ``config_cls``, naming the closest valid key."""
     valid = field_names(config_cls)
     for key in keys:
+        if key in unread_keys(config_cls):
+            raise unread_key_error(key, config_cls, source)
         if key not in valid:
             raise ConfigError(f"Unknown config key '{key}' in {source} for {config_cls.__name__}."
                               f"{did_you_mean(closest_key(key, valid))}")

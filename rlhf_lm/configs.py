@@ -97,6 +97,13 @@ def overwrite_output_dir_field() -> Any:
                 "Also starts over when <output_dir>.partial holds checkpoints of an unfinished run."})
 
 
+def unread_field(default: Any, why: str) -> Any:
+    """A key a stage inherits from a shared base (or from TRL) but does not read. It is not an init field, so a
+    recipe or flag cannot set it - check_keys names the key, the stage and ``why`` - while code reading the attribute
+    still sees ``default``. Accepting it would let a run silently do something other than what the recipe says."""
+    return field(default=default, init=False, metadata={"unread": why})
+
+
 @dataclass
 class DataArguments:
     """Where the training data comes from and how to read it (see ``rlhf_lm.data``)."""
@@ -117,7 +124,7 @@ class DataArguments:
     )
     data_format: str = field(
         default="auto",
-        metadata={"help": "Row format: auto, hh_rlhf, explicit, conversational, ultrafeedback, shp, prompt_only."},
+        metadata={"help": "Row format: auto, hh_rlhf, explicit, conversational, ultrafeedback, shp."},
     )
     hh_format: str = field(
         default="auto",
@@ -137,6 +144,35 @@ class DataArguments:
         if self.eval_fraction is not None and not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
         _call_next_post_init(self, DataArguments)
+
+
+_PROMPTS_ONLY = ("this stage trains on prompts only: it reads prompt_column (and hh_format), never a preference "
+                 "format or chosen / rejected columns")
+
+
+@dataclass
+class PromptsOnly:
+    """Placed before DataArguments in the bases of a stage that reads prompts, not pairs (ppo, grpo, rloo)."""
+
+    data_format: str = unread_field("prompt_only", _PROMPTS_ONLY)
+    chosen_column: str = unread_field("chosen", _PROMPTS_ONLY)
+    rejected_column: str = unread_field("rejected", _PROMPTS_ONLY)
+
+
+_NO_QUANTIZATION = ("this stage loads the policy unquantized (bitsandbytes QLoRA is supported by the reward and dpo "
+                    "stages)")
+
+
+@dataclass
+class NoQuantization:
+    """Placed before ModelArguments in the bases of a stage that never quantizes its model: TRL's ModelConfig
+    quantization keys would otherwise be accepted and the run trained in full precision (ppo, grpo, rloo)."""
+
+    load_in_8bit: bool = unread_field(False, _NO_QUANTIZATION)
+    load_in_4bit: bool = unread_field(False, _NO_QUANTIZATION)
+    bnb_4bit_quant_type: str = unread_field("nf4", _NO_QUANTIZATION)
+    use_bnb_nested_quant: bool = unread_field(False, _NO_QUANTIZATION)
+    bnb_4bit_quant_storage: str | None = unread_field(None, _NO_QUANTIZATION)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from typing import Any
 import yaml
 
 from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
-from rlhf_lm.configs import closest_key, load_recipe
+from rlhf_lm.config_parsing import closest_key, load_recipe, unread_key_error, unread_keys
 from rlhf_lm.errors import ArtifactError, ConfigError, did_you_mean
 from rlhf_lm.redaction import redact
 from rlhf_lm.stages import STAGES, StageEntry, get_stage, is_known_stage, unknown_stage_error
@@ -173,6 +173,8 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
                 own[key] = value
                 used_shared.add(key)
         unknown = [k for k in section if k not in fields]
+        if unknown and unknown[0] in unread_keys(entry.config_class):
+            raise unread_key_error(unknown[0], entry.config_class, f"section '{name}' of {source}")
         if unknown:
             hint = did_you_mean(closest_key(unknown[0], sorted(fields)))
             raise ConfigError(f"Unknown config key '{unknown[0]}' in section '{name}' of {source} (a {kind} stage)."

@@ -100,3 +100,47 @@ def test_a_tracking_backend_that_is_not_installed_fails_before_anything_loads():
         with pytest.raises(ConfigError, match=r"report_to: swanlab needs a package .*pip install 'swanlab'"):
             config_cls(report_to="swanlab")
     assert DPOStageConfig(report_to="tensorboard").report_to == ["tensorboard"]  # the test extra installs it
+
+
+PROMPT_STAGE_UNREAD = {"data_format": "hh_rlhf", "chosen_column": "good", "rejected_column": "bad", "load_in_4bit": True,
+                       "load_in_8bit": True, "bnb_4bit_quant_type": "fp4", "use_bnb_nested_quant": True}
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "rloo"])
+@pytest.mark.parametrize("key", sorted(PROMPT_STAGE_UNREAD))
+def test_keys_a_prompt_stage_does_not_read_are_errors(stage, key, tmp_path):
+    """ppo / grpo / rloo read prompts only and never quantize: these keys used to be accepted and then ignored."""
+    import importlib
+
+    import yaml
+
+    config_cls = importlib.import_module(f"rlhf_lm.stages.{stage}").CONFIG
+    value = PROMPT_STAGE_UNREAD[key]
+    names_it = rf"{key} in .* is not read by {config_cls.__name__}: "
+    with pytest.raises(ConfigError, match=names_it):
+        parse_config(config_cls, ["--config", write(tmp_path, yaml.safe_dump({key: value}))])
+    with pytest.raises(ConfigError, match=names_it):
+        parse_config(config_cls, [f"--{key}", str(value)])
+    with pytest.raises(ConfigError, match=names_it):
+        config_from_dict(config_cls, {key: value}, f"stage '{stage}'")
+
+
+def test_a_pipeline_gives_shared_keys_only_to_stages_that_read_them(tmp_path):
+    from rlhf_lm.pipeline import plan_pipeline
+
+    plan = plan_pipeline({"stages": ["reward", "ppo"], "data_format": "hh_rlhf", "load_in_4bit": True,
+                          "chosen_column": "good"}, output_dir=str(tmp_path))
+    reward, ppo = plan.stages
+    assert reward.values["data_format"] == "hh_rlhf" and reward.values["load_in_4bit"] is True
+    assert not {"data_format", "load_in_4bit", "chosen_column"} & set(ppo.values)
+    with pytest.raises(ConfigError, match=r"load_in_4bit in section 'ppo' of .* is not read by PPOStageConfig"):
+        plan_pipeline({"stages": ["reward", "ppo"], "ppo": {"load_in_4bit": True}}, output_dir=str(tmp_path))
+
+
+def test_the_preference_stages_still_read_them(tmp_path):
+    from rlhf_lm.stages.dpo import DPOStageConfig
+
+    cfg = DPOStageConfig(output_dir=str(tmp_path), data_format="hh_rlhf", chosen_column="good",
+                         rejected_column="bad", bnb_4bit_quant_type="fp4")
+    assert (cfg.data_format, cfg.chosen_column, cfg.rejected_column, cfg.bnb_4bit_quant_type) == (
+        "hh_rlhf", "good", "bad", "fp4")

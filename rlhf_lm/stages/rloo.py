@@ -15,6 +15,8 @@ from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
     ModelArguments,
+    NoQuantization,
+    PromptsOnly,
     TrainingDefaults,
     parse_config,
 )
@@ -22,8 +24,8 @@ from rlhf_lm.online_rl import OnlineRLArguments, run_online
 
 
 @dataclass
-class RLOOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, ControllerArguments, TrainingDefaults,
-                      RLOOConfig):
+class RLOOStageConfig(OnlineRLArguments, NoQuantization, ModelArguments, PromptsOnly, DataArguments,
+                      ControllerArguments, TrainingDefaults, RLOOConfig):
     """Model + LoRA, prompt data, reward spec and TRL's RLOOConfig (beta 0 by default: no reference model)."""
 
     output_dir: str = field(default="runs/rloo", metadata={"help": "Where the adapter and metrics go."})
