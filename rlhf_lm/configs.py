@@ -31,11 +31,36 @@ from rlhf_lm.config_parsing import (  # noqa: F401  (re-exported: the public nam
 from rlhf_lm.errors import ConfigError
 
 
-def _call_next_post_init(obj: Any, after: type) -> None:
-    """Continue the ``__post_init__`` chain past ``after`` in the MRO (TRL's ModelConfig does not call super)."""
-    nxt = super(after, obj)
-    if hasattr(nxt, "__post_init__"):
-        nxt.__post_init__()
+def finish_config(cfg: Any, trainer_config: type | None = None) -> None:
+    """The checks and defaults of every mixin ``cfg`` has, then its trainer config's own ``__post_init__``, in the one
+    order they depend on - whatever the order of the stage's bases (TRL's ModelConfig.__post_init__ does not call
+    super(), so a cooperative chain through the mixins would stop there).
+
+    ``trainer_config`` is the TRL (or our PPO) config class the stage subclasses; by default the first class in the
+    MRO that is a ``TrainingArguments`` and not one of our mixins. Each stage's ``__post_init__`` runs its own checks,
+    then this; a mixin used alone (or a config of mixins without a ``__post_init__``) runs this too.
+    """
+    if isinstance(cfg, ModelArguments):
+        check_model_args(cfg)
+    if isinstance(cfg, DataArguments):
+        check_data_args(cfg)
+    if isinstance(cfg, ControllerArguments):
+        parse_controller(cfg)
+    if isinstance(cfg, TrainingDefaults):
+        apply_training_defaults(cfg)  # resolves bf16, which the dtype default below reads
+    trainer_config = trainer_config or _trainer_config(type(cfg))
+    if trainer_config is not None:
+        trainer_config.__post_init__(cfg)
+    if isinstance(cfg, ModelArguments) and cfg.dtype is None:
+        cfg.dtype = "bfloat16" if cfg.use_peft and getattr(cfg, "bf16", False) else "float32"
+
+
+def _trainer_config(config_cls: type) -> type | None:
+    from transformers import TrainingArguments
+
+    mixins = (ModelArguments, DataArguments, ControllerArguments, TrainingDefaults)
+    return next((k for k in config_cls.__mro__ if issubclass(k, TrainingArguments) and not issubclass(k, mixins)),
+                None)
 
 
 @dataclass
@@ -64,20 +89,22 @@ class ModelArguments(ModelConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.lora_r <= 0:
-            raise ConfigError(f"lora_r must be a positive integer, got {self.lora_r}.")
-        if not self.use_peft:
-            changed = [f.name for f in dataclasses.fields(ModelArguments) if f.name in LORA_KEYS
-                       and getattr(self, f.name) != _default(f)]
-            if changed:
-                raise ConfigError(f"{', '.join(changed)} set with use_peft: false: a full fine-tune has no LoRA "
-                                  "adapter, so these keys would be ignored. Remove them, or set use_peft: true.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        ModelConfig.__post_init__(self)
-        _call_next_post_init(self, ModelConfig)  # resolves bf16 (TrainingDefaults) before the dtype default below
-        if self.dtype is None:
-            self.dtype = "bfloat16" if self.use_peft and getattr(self, "bf16", False) else "float32"
+        finish_config(self)
+
+
+def check_model_args(cfg: ModelArguments) -> None:
+    """LoRA settings that cannot work (or would be ignored), then TRL's own ModelConfig checks."""
+    if cfg.lora_r <= 0:
+        raise ConfigError(f"lora_r must be a positive integer, got {cfg.lora_r}.")
+    if not cfg.use_peft:
+        changed = [f.name for f in dataclasses.fields(ModelArguments) if f.name in LORA_KEYS
+                   and getattr(cfg, f.name) != _default(f)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} set with use_peft: false: a full fine-tune has no LoRA "
+                              "adapter, so these keys would be ignored. Remove them, or set use_peft: true.")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}.")
+    ModelConfig.__post_init__(cfg)
 
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
@@ -139,11 +166,14 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N eval rows."})
 
     def __post_init__(self) -> None:
-        if self.hh_format not in ("auto", "messages", "text"):
-            raise ConfigError(f"hh_format must be auto, messages or text, got '{self.hh_format}'.")
-        if self.eval_fraction is not None and not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
-        _call_next_post_init(self, DataArguments)
+        finish_config(self)
+
+
+def check_data_args(cfg: DataArguments) -> None:
+    if cfg.hh_format not in ("auto", "messages", "text"):
+        raise ConfigError(f"hh_format must be auto, messages or text, got '{cfg.hh_format}'.")
+    if cfg.eval_fraction is not None and not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}.")
 
 
 _PROMPTS_ONLY = ("this stage trains on prompts only: it reads prompt_column (and hh_format), never a preference "
@@ -199,21 +229,25 @@ class TrainingDefaults:
     overwrite_output_dir: bool = overwrite_output_dir_field()
 
     def __post_init__(self) -> None:
-        from rlhf_lm.redaction import take_hub_token
+        finish_config(self)
 
-        take_hub_token(self)  # before transformers pickles the config into training_args.bin
-        check_batch_sizes(self)
-        if getattr(self, "fp16", False) and (getattr(self, "use_cpu", False) or not _has_accelerator()):
-            raise ConfigError("fp16: true needs a GPU (fp16 mixed precision does not run on CPU, it would be "
-                              "ignored). Remove fp16, or use bf16: true on CPU.")
-        if self.bf16 is None:
-            import torch
 
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.report_to in (None, [None]):  # TrlParser turns the "none" default of `str | list[str]` into [None]
-            self.report_to = "none"
-        check_tracking_backends(self.report_to)
-        _call_next_post_init(self, TrainingDefaults)
+def apply_training_defaults(cfg: TrainingDefaults) -> None:
+    """Our defaults and checks for the training fields, before TRL's / transformers' own ``__post_init__``."""
+    from rlhf_lm.redaction import take_hub_token
+
+    take_hub_token(cfg)  # before transformers pickles the config into training_args.bin
+    check_batch_sizes(cfg)
+    if getattr(cfg, "fp16", False) and (getattr(cfg, "use_cpu", False) or not _has_accelerator()):
+        raise ConfigError("fp16: true needs a GPU (fp16 mixed precision does not run on CPU, it would be "
+                          "ignored). Remove fp16, or use bf16: true on CPU.")
+    if cfg.bf16 is None:
+        import torch
+
+        cfg.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if cfg.report_to in (None, [None]):  # TrlParser turns the "none" default of `str | list[str]` into [None]
+        cfg.report_to = "none"
+    check_tracking_backends(cfg.report_to)
 
 
 # report_to backends -> the pip package to install (ours where we ship an extra for it)
@@ -279,11 +313,14 @@ class ControllerArguments:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.controller, str):
-            import json
+        finish_config(self)
 
-            try:
-                self.controller = json.loads(self.controller)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"controller must be a mapping (JSON on the command line): {e}") from e
-        _call_next_post_init(self, ControllerArguments)
+
+def parse_controller(cfg: ControllerArguments) -> None:
+    if isinstance(cfg.controller, str):
+        import json
+
+        try:
+            cfg.controller = json.loads(cfg.controller)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"controller must be a mapping (JSON on the command line): {e}") from e

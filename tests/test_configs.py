@@ -21,6 +21,12 @@ class DemoConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDef
     pass
 
 
+@dataclass
+class ReorderedConfig(TrainingDefaults, trl.RewardConfig, ControllerArguments, DataArguments, ModelArguments):
+    """DemoConfig's bases in another order: the checks and defaults must not depend on it (a chain of
+    ``__post_init__`` calls through the bases stopped at TRL's config, which does not call super)."""
+
+
 def write(tmp_path, text):
     path = tmp_path / "recipe.yaml"
     path.write_text(text)
@@ -144,3 +150,19 @@ def test_the_preference_stages_still_read_them(tmp_path):
                          rejected_column="bad", bnb_4bit_quant_type="fp4")
     assert (cfg.data_format, cfg.chosen_column, cfg.rejected_column, cfg.bnb_4bit_quant_type) == (
         "hh_rlhf", "good", "bad", "fp4")
+
+
+@pytest.mark.parametrize("config_cls", [DemoConfig, ReorderedConfig])
+def test_the_order_of_the_bases_does_not_change_checks_or_defaults(config_cls, tmp_path, monkeypatch):
+    """The dtype default reads bf16, which TrainingDefaults resolves: it used to depend on the bases' order."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU with bf16, where bf16 defaults on
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(trl.RewardConfig, "__post_init__", lambda self: None)  # transformers would look for a GPU
+    cfg = config_cls(output_dir=str(tmp_path), controller='{"policy": "rules"}')
+    assert (cfg.bf16, cfg.dtype, cfg.controller, cfg.report_to) == (True, "bfloat16", {"policy": "rules"}, "none")
+    for bad, message in (({"lora_r": 0}, "lora_r must be"), ({"eval_fraction": 2.0}, "eval_fraction must be"),
+                         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be")):
+        with pytest.raises(ConfigError, match=message):
+            config_cls(output_dir=str(tmp_path), **bad)

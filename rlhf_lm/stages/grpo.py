@@ -22,6 +22,7 @@ from rlhf_lm.configs import (
     NoQuantization,
     PromptsOnly,
     TrainingDefaults,
+    finish_config,
     parse_config,
 )
 from rlhf_lm.online_rl import OnlineRLArguments, run_online
@@ -33,6 +34,9 @@ class GRPOStageConfig(OnlineRLArguments, NoQuantization, ModelArguments, Prompts
     """Model + LoRA, prompt data, reward spec and TRL's GRPOConfig (beta 0 by default: no reference model)."""
 
     output_dir: str = field(default="runs/grpo", metadata={"help": "Where the adapter and metrics go."})
+
+    def __post_init__(self) -> None:
+        finish_config(self, GRPOConfig)  # the shared mixins' checks, then TRL's
 
 
 CONFIG = GRPOStageConfig

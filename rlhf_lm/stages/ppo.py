@@ -28,7 +28,7 @@ from rlhf_lm.configs import (
     NoQuantization,
     PromptsOnly,
     TrainingDefaults,
-    _call_next_post_init,
+    finish_config,
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
@@ -65,7 +65,7 @@ class PPOStageConfig(NoQuantization, ModelArguments, PromptsOnly, DataArguments,
         if not self.use_peft:
             raise ConfigError("PPO here trains a LoRA adapter and uses the adapter-free base as the reference (one "
                               "copy of the weights); use_peft: false is not supported.")
-        _call_next_post_init(self, PPOStageConfig)
+        finish_config(self, PPOConfig)  # the shared mixins' checks, then PPOConfig's (and transformers')
 
 
 CONFIG = PPOStageConfig
