@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from typing import Any, TypeVar
 
@@ -88,6 +89,54 @@ def _fits(value: Any, kinds: set[type]) -> bool:
     return False
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def coerce_values(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the strings of number and bool fields turned into numbers and bools.
+
+    PyYAML reads ``1e-4`` (no dot) as a string; a number field gets the number (an integer field an integral one:
+    ``1e2`` -> 100). A bool field's ``"true"`` / ``"no"`` / ... (TRL's string_to_bool words) become the bool, as on
+    the command line - left a string, ``"false"`` would be truthy.
+    """
+    try:
+        hints = typing.get_type_hints(config_cls)
+    except Exception:  # an annotation that cannot be resolved: leave the values to the dataclass checks
+        return dict(values)
+    out = dict(values)
+    for key, value in values.items():
+        if not isinstance(value, str):
+            continue
+        kinds = set(typing.get_args(hints.get(key))) or {hints.get(key)}
+        text = value.strip()
+        if kinds <= {bool, type(None)} and text.lower() in _TRUE + _FALSE:
+            out[key] = text.lower() in _TRUE
+        elif not _NUMBER.fullmatch(text):
+            continue
+        elif float in kinds:
+            out[key] = float(text)
+        elif int in kinds and float(text).is_integer():
+            out[key] = int(float(text))
+    return out
+
+
+def read_values(config_cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """The one way a mapping of config values (a stage recipe, a pipeline stage's shared keys + section + overrides)
+    is read: unknown keys fail naming the closest valid one, strings of number / bool fields are converted, and a
+    value that still is not its field's type fails naming ``source`` and the key."""
+    check_keys(list(values), config_cls, source)
+    values = coerce_values(config_cls, values)
+    check_value_types(config_cls, values, source)
+    return values
+
+
+def read_override(text: str) -> Any:
+    """The value of a ``--key value`` override that is set into a recipe mapping (the pipeline's ``--seed 1``,
+    ``--dpo.beta 0.2``): read as YAML, as the same text written in the recipe would be; :func:`read_values` then
+    converts it with the recipe's other values. (A stage's own flags are converted by TrlParser, per field type.)"""
+    return yaml.safe_load(text)
+
+
 def check_value_types(config_cls: type, values: dict[str, Any], source: str) -> None:
     """A ConfigError naming ``source`` and the key for a value that cannot be its field's number or bool type
     (``learning_rate: abc``); argparse would print its whole usage text and not say which file was wrong."""
@@ -132,20 +181,21 @@ def check_keys(keys: list[str], config_cls: type, source: str) -> None:
 def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
     """Parse ``[--config recipe.yaml] [--key value ...]`` into ``config_cls`` (YAML = defaults, flags override)."""
     args = list(args or [])
+    parser = TrlParser([config_cls])
+    parser.error = _argparse_error  # one ConfigError line instead of argparse's usage text and exit
     if "--config" in args:
         i = args.index("--config")
         if i + 1 >= len(args):
             raise ConfigError("--config needs a path to a YAML recipe.")
-        recipe = load_recipe(args[i + 1])
-        recipe.pop("env", None)  # TrlParser sets these as environment variables
-        check_keys(list(recipe), config_cls, f"recipe {args[i + 1]}")
-        check_value_types(config_cls, recipe, f"recipe {args[i + 1]}")
-        if not recipe:  # an empty recipe sets nothing (TrlParser would reject it)
-            del args[i : i + 2]
-    parser = TrlParser([config_cls])
-    parser.error = _argparse_error  # one ConfigError line instead of argparse's usage text and exit
+        path = args[i + 1]
+        del args[i : i + 2]
+        recipe = load_recipe(path)
+        _set_env(recipe.pop("env", None) or {}, path)
+        # The recipe's values become the parser's defaults (what TrlParser's parse_args_and_config does with the
+        # file), read the way a pipeline stage's are, so flags then override them.
+        parser.set_defaults_with_config(**read_values(config_cls, recipe, f"recipe {path}"))
     try:
-        *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
+        *parsed, remaining = parser.parse_args_into_dataclasses(args, return_remaining_strings=True)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
@@ -157,14 +207,21 @@ def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
     return parsed[0]
 
 
+def _set_env(env: Any, path: str) -> None:
+    """A recipe's ``env:`` mapping sets environment variables (as TRL's recipes do), before anything reads them."""
+    if not isinstance(env, dict):
+        raise ConfigError(f"recipe {path}: env must be a mapping of environment variables, got {env!r}.")
+    for key, value in env.items():
+        os.environ[key] = str(value)
+
+
 def _argparse_error(message: str) -> None:
     raise ConfigError(f"command-line flags: {message}.")
 
 
 def config_from_dict(config_cls: type[T], values: dict[str, Any], source: str = "a dict") -> T:
-    """Build a stage config from a mapping (e.g. one stage of a pipeline recipe), checking keys and value types."""
-    check_keys(list(values), config_cls, source)
-    check_value_types(config_cls, values, source)
+    """Build a stage config from a mapping (e.g. one stage of a pipeline recipe), read by :func:`read_values`."""
+    values = read_values(config_cls, values, source)
     try:
         return config_cls(**values)
     except ConfigError:

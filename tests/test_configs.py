@@ -166,3 +166,27 @@ def test_the_order_of_the_bases_does_not_change_checks_or_defaults(config_cls, t
                          ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be")):
         with pytest.raises(ConfigError, match=message):
             config_cls(output_dir=str(tmp_path), **bad)
+
+
+def test_a_stage_recipe_and_a_pipeline_section_read_values_the_same_way(tmp_path, monkeypatch):
+    """One reading of recipe values: YAML's unquoted `1e2` (a string to PyYAML), and the words for true / false."""
+    from rlhf_lm.pipeline import build_config, parse_args, plan_pipeline
+    from rlhf_lm.stages.dpo import DPOStageConfig
+
+    values = {"learning_rate": "3e-5", "max_length": "1e2", "use_peft": "yes", "precompute_ref_log_probs": "false",
+              "output_dir": str(tmp_path / "dpo")}
+    from_recipe = parse_config(DPOStageConfig, ["--config", write(tmp_path, "".join(f"{k}: '{v}'\n"
+                                                                                    for k, v in values.items()))])
+    pipe = tmp_path / "pipe.yaml"
+    pipe.write_text(f"stages: [dpo]\noutput_dir: {tmp_path}\n")
+    recipe, source, _ = parse_args(["--config", str(pipe), *(x for k, v in values.items() for x in (f"--dpo.{k}",
+                                                                                                    f"'{v}'"))])
+    from_pipeline = build_config(plan_pipeline(recipe, source).stages[0])
+    for cfg in (from_recipe, from_pipeline):
+        assert (cfg.learning_rate, cfg.max_length, cfg.use_peft, cfg.precompute_ref_log_probs) == (3e-5, 100, True,
+                                                                                                   False)
+    import os
+
+    monkeypatch.setenv("RLHF_LM_TEST_ENV", "before")  # restored after the test
+    parse_config(DemoConfig, ["--config", write(tmp_path, "env: {RLHF_LM_TEST_ENV: from the recipe}\n")])
+    assert os.environ["RLHF_LM_TEST_ENV"] == "from the recipe"  # a recipe's env: sets variables, as TrlParser's did
