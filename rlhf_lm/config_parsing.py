@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
 import typing
 from typing import Any, TypeVar
 
 import yaml
-from trl import TrlParser
 
 from rlhf_lm.errors import ConfigError, closest_spelling, did_you_mean
 
@@ -63,9 +63,17 @@ _TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f")
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
 
 
+def _members(hint: Any) -> set[Any]:
+    """The types a field accepts: a union's members (``float | None``), else the type itself (``list[float]`` is one
+    type, a list, not a float)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return set(typing.get_args(hint))
+    return {hint}
+
+
 def _scalar_kinds(hint: Any) -> set[type] | None:
     """{int}, {float}, {bool} (plus NoneType when optional) for a plain scalar field; None for anything else."""
-    kinds = set(typing.get_args(hint)) or {hint}
+    kinds = _members(hint)
     return kinds if kinds and kinds <= {int, float, bool, type(None)} and kinds - {type(None)} else None
 
 
@@ -107,7 +115,7 @@ def coerce_values(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
     for key, value in values.items():
         if not isinstance(value, str):
             continue
-        kinds = set(typing.get_args(hints.get(key))) or {hints.get(key)}
+        kinds = _members(hints.get(key))
         text = value.strip()
         if kinds <= {bool, type(None)} and text.lower() in _TRUE + _FALSE:
             out[key] = text.lower() in _TRUE
@@ -137,9 +145,10 @@ def read_override(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def check_value_types(config_cls: type, values: dict[str, Any], source: str) -> None:
-    """A ConfigError naming ``source`` and the key for a value that cannot be its field's number or bool type
-    (``learning_rate: abc``); argparse would print its whole usage text and not say which file was wrong."""
+def check_value_types(config_cls: type, values: dict[str, Any], source: str, prefix: str = "") -> None:
+    """A ConfigError naming ``source`` and the key (after ``prefix``: ``controller.``) for a value that cannot be its
+    field's number or bool type (``learning_rate: abc``); argparse would print its whole usage text and not say which
+    file was wrong."""
     try:
         hints = typing.get_type_hints(config_cls)
     except Exception:  # an annotation that cannot be resolved: the dataclass checks still run
@@ -148,7 +157,7 @@ def check_value_types(config_cls: type, values: dict[str, Any], source: str) -> 
         kinds = _scalar_kinds(hints.get(key))
         if kinds and not _fits(value, kinds):
             names = " or ".join(_KIND_NAMES[k] for k in (bool, int, float) if k in kinds)
-            raise ConfigError(f"{source}: {key} must be {names}, got {value!r}.")
+            raise ConfigError(f"{source}: {prefix}{key} must be {names}, got {value!r}.")
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
@@ -181,6 +190,8 @@ def check_keys(keys: list[str], config_cls: type, source: str) -> None:
 def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
     """Parse ``[--config recipe.yaml] [--key value ...]`` into ``config_cls`` (YAML = defaults, flags override)."""
     args = list(args or [])
+    from trl import TrlParser  # here: rlhf_lm.controller.spec reads its section with this module, without TRL
+
     parser = TrlParser([config_cls])
     parser.error = _argparse_error  # one ConfigError line instead of argparse's usage text and exit
     if "--config" in args:

@@ -317,6 +317,11 @@ class ControllerArguments:
 
 
 def parse_controller(cfg: ControllerArguments) -> None:
+    """The ``controller:`` mapping (JSON on the command line), read into a ControllerSpec now, so a bad key or value
+    fails naming ``controller.<key>`` before any model loads. The config keeps the keys the recipe set (with the
+    values as the spec read them): that is what metrics.json records and what the stage's controller is built from."""
+    from rlhf_lm.controller.spec import ControllerSpec
+
     if isinstance(cfg.controller, str):
         import json
 
@@ -324,3 +329,6 @@ def parse_controller(cfg: ControllerArguments) -> None:
             cfg.controller = json.loads(cfg.controller)
         except json.JSONDecodeError as e:
             raise ConfigError(f"controller must be a mapping (JSON on the command line): {e}") from e
+    if cfg.controller is not None:
+        spec = ControllerSpec.from_dict(cfg.controller)
+        cfg.controller = {key: getattr(spec, key) for key in cfg.controller}

@@ -190,3 +190,22 @@ def test_a_stage_recipe_and_a_pipeline_section_read_values_the_same_way(tmp_path
     monkeypatch.setenv("RLHF_LM_TEST_ENV", "before")  # restored after the test
     parse_config(DemoConfig, ["--config", write(tmp_path, "env: {RLHF_LM_TEST_ENV: from the recipe}\n")])
     assert os.environ["RLHF_LM_TEST_ENV"] == "from the recipe"  # a recipe's env: sets variables, as TrlParser's did
+
+
+def test_a_bad_controller_section_fails_when_the_config_is_read(tmp_path):
+    """Not later, when the stage builds its controller after loading data: the key is named controller.<key>."""
+    from rlhf_lm.stages.ppo import PPOStageConfig
+
+    for section, message in (("{intervall: 5}", r"'controller\.intervall'.* Did you mean 'interval'"),
+                             ("{interval: often}", r"controller\.interval must be an integer, got 'often'"),
+                             ("{policy: magic}", r"controller\.policy must be one of"),
+                             ("[rules]", "controller must be a mapping")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(PPOStageConfig, ["--config", write(tmp_path, f"controller: {section}\n")])
+    with pytest.raises(ConfigError, match=r"'controller\.intervall'"):
+        parse_config(DemoConfig, ["--controller", '{"intervall": 5}'])
+    with pytest.raises(ConfigError, match=r"'controller\.intervall'"):
+        config_from_dict(PPOStageConfig, {"controller": {"intervall": 5}}, "section 'ppo'")
+    cfg = parse_config(DemoConfig, ["--config", write(tmp_path, "controller: {policy: rules, min_lr_multiplier: 1e-2}\n"),
+                                    "--output_dir", str(tmp_path)])
+    assert cfg.controller == {"policy": "rules", "min_lr_multiplier": 0.01}  # the keys set, read as numbers
