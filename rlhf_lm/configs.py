@@ -6,31 +6,61 @@ Stage configs are built from mixins so every stage reads the same keys the same 
     class RewardStageConfig(ModelArguments, DataArguments, trl.RewardConfig): ...
 
 ``ModelArguments`` reuses TRL's ``ModelConfig`` (model path, dtype, LoRA fields) with our defaults (LoRA on).
-Parsing goes through TRL's ``TrlParser`` (YAML gives defaults, flags override); we only add the checks it lacks:
-unknown keys name the closest valid key, and validation errors become :class:`~rlhf_lm.errors.ConfigError`.
+Reading a recipe and flags into one of these is :mod:`rlhf_lm.config_parsing` (re-exported here, where stages and
+users import it from).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-from trl import ModelConfig, TrlParser
+from trl import ModelConfig
 
-from rlhf_lm.errors import ConfigError, closest_spelling, did_you_mean
+from rlhf_lm.config_parsing import (  # noqa: F401  (re-exported: the public names stages and users import from here)
+    KEY_ALIASES,
+    check_keys,
+    check_value_types,
+    closest_key,
+    config_from_dict,
+    field_names,
+    load_recipe,
+    parse_config,
+)
+from rlhf_lm.errors import ConfigError
 
-T = TypeVar("T")
+
+def finish_config(cfg: Any, trainer_config: type | None = None) -> None:
+    """The checks and defaults of every mixin ``cfg`` has, then its trainer config's own ``__post_init__``, in the one
+    order they depend on - whatever the order of the stage's bases (TRL's ModelConfig.__post_init__ does not call
+    super(), so a cooperative chain through the mixins would stop there).
+
+    ``trainer_config`` is the TRL (or our PPO) config class the stage subclasses; by default the first class in the
+    MRO that is a ``TrainingArguments`` and not one of our mixins. Each stage's ``__post_init__`` runs its own checks,
+    then this; a mixin used alone (or a config of mixins without a ``__post_init__``) runs this too.
+    """
+    if isinstance(cfg, ModelArguments):
+        check_model_args(cfg)
+    if isinstance(cfg, DataArguments):
+        check_data_args(cfg)
+    if isinstance(cfg, ControllerArguments):
+        parse_controller(cfg)
+    if isinstance(cfg, TrainingDefaults):
+        apply_training_defaults(cfg)  # resolves bf16, which the dtype default below reads
+    trainer_config = trainer_config or _trainer_config(type(cfg))
+    if trainer_config is not None:
+        trainer_config.__post_init__(cfg)
+    if isinstance(cfg, ModelArguments) and cfg.dtype is None:
+        cfg.dtype = "bfloat16" if cfg.use_peft and getattr(cfg, "bf16", False) else "float32"
 
 
-def _call_next_post_init(obj: Any, after: type) -> None:
-    """Continue the ``__post_init__`` chain past ``after`` in the MRO (TRL's ModelConfig does not call super)."""
-    nxt = super(after, obj)
-    if hasattr(nxt, "__post_init__"):
-        nxt.__post_init__()
+def _trainer_config(config_cls: type) -> type | None:
+    from transformers import TrainingArguments
+
+    mixins = (ModelArguments, DataArguments, ControllerArguments, TrainingDefaults)
+    return next((k for k in config_cls.__mro__ if issubclass(k, TrainingArguments) and not issubclass(k, mixins)),
+                None)
 
 
 @dataclass
@@ -59,20 +89,22 @@ class ModelArguments(ModelConfig):
     )
 
     def __post_init__(self) -> None:
-        if self.lora_r <= 0:
-            raise ConfigError(f"lora_r must be a positive integer, got {self.lora_r}.")
-        if not self.use_peft:
-            changed = [f.name for f in dataclasses.fields(ModelArguments) if f.name in LORA_KEYS
-                       and getattr(self, f.name) != _default(f)]
-            if changed:
-                raise ConfigError(f"{', '.join(changed)} set with use_peft: false: a full fine-tune has no LoRA "
-                                  "adapter, so these keys would be ignored. Remove them, or set use_peft: true.")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        ModelConfig.__post_init__(self)
-        _call_next_post_init(self, ModelConfig)  # resolves bf16 (TrainingDefaults) before the dtype default below
-        if self.dtype is None:
-            self.dtype = "bfloat16" if self.use_peft and getattr(self, "bf16", False) else "float32"
+        finish_config(self)
+
+
+def check_model_args(cfg: ModelArguments) -> None:
+    """LoRA settings that cannot work (or would be ignored), then TRL's own ModelConfig checks."""
+    if cfg.lora_r <= 0:
+        raise ConfigError(f"lora_r must be a positive integer, got {cfg.lora_r}.")
+    if not cfg.use_peft:
+        changed = [f.name for f in dataclasses.fields(ModelArguments) if f.name in LORA_KEYS
+                   and getattr(cfg, f.name) != _default(f)]
+        if changed:
+            raise ConfigError(f"{', '.join(changed)} set with use_peft: false: a full fine-tune has no LoRA "
+                              "adapter, so these keys would be ignored. Remove them, or set use_peft: true.")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}.")
+    ModelConfig.__post_init__(cfg)
 
 
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
@@ -90,6 +122,13 @@ def overwrite_output_dir_field() -> Any:
     return field(default=False, metadata={
         "help": "Replace output_dir when it holds a finished run of rlhf-lm (never a folder it did not create). "
                 "Also starts over when <output_dir>.partial holds checkpoints of an unfinished run."})
+
+
+def unread_field(default: Any, why: str) -> Any:
+    """A key a stage inherits from a shared base (or from TRL) but does not read. It is not an init field, so a
+    recipe or flag cannot set it - check_keys names the key, the stage and ``why`` - while code reading the attribute
+    still sees ``default``. Accepting it would let a run silently do something other than what the recipe says."""
+    return field(default=default, init=False, metadata={"unread": why})
 
 
 @dataclass
@@ -112,7 +151,7 @@ class DataArguments:
     )
     data_format: str = field(
         default="auto",
-        metadata={"help": "Row format: auto, hh_rlhf, explicit, conversational, ultrafeedback, shp, prompt_only."},
+        metadata={"help": "Row format: auto, hh_rlhf, explicit, conversational, ultrafeedback, shp."},
     )
     hh_format: str = field(
         default="auto",
@@ -127,11 +166,43 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep only the first N eval rows."})
 
     def __post_init__(self) -> None:
-        if self.hh_format not in ("auto", "messages", "text"):
-            raise ConfigError(f"hh_format must be auto, messages or text, got '{self.hh_format}'.")
-        if self.eval_fraction is not None and not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
-        _call_next_post_init(self, DataArguments)
+        finish_config(self)
+
+
+def check_data_args(cfg: DataArguments) -> None:
+    if cfg.hh_format not in ("auto", "messages", "text"):
+        raise ConfigError(f"hh_format must be auto, messages or text, got '{cfg.hh_format}'.")
+    if cfg.eval_fraction is not None and not 0.0 <= cfg.eval_fraction < 1.0:
+        raise ConfigError(f"eval_fraction must be in [0, 1), got {cfg.eval_fraction}.")
+
+
+_PROMPTS_ONLY = ("this stage trains on prompts only: it reads prompt_column (and hh_format), never a preference "
+                 "format or chosen / rejected columns")
+
+
+@dataclass
+class PromptsOnly:
+    """Placed before DataArguments in the bases of a stage that reads prompts, not pairs (ppo, grpo, rloo)."""
+
+    data_format: str = unread_field("prompt_only", _PROMPTS_ONLY)
+    chosen_column: str = unread_field("chosen", _PROMPTS_ONLY)
+    rejected_column: str = unread_field("rejected", _PROMPTS_ONLY)
+
+
+_NO_QUANTIZATION = ("this stage loads the policy unquantized (bitsandbytes QLoRA is supported by the reward and dpo "
+                    "stages)")
+
+
+@dataclass
+class NoQuantization:
+    """Placed before ModelArguments in the bases of a stage that never quantizes its model: TRL's ModelConfig
+    quantization keys would otherwise be accepted and the run trained in full precision (ppo, grpo, rloo)."""
+
+    load_in_8bit: bool = unread_field(False, _NO_QUANTIZATION)
+    load_in_4bit: bool = unread_field(False, _NO_QUANTIZATION)
+    bnb_4bit_quant_type: str = unread_field("nf4", _NO_QUANTIZATION)
+    use_bnb_nested_quant: bool = unread_field(False, _NO_QUANTIZATION)
+    bnb_4bit_quant_storage: str | None = unread_field(None, _NO_QUANTIZATION)
 
 
 @dataclass
@@ -158,21 +229,25 @@ class TrainingDefaults:
     overwrite_output_dir: bool = overwrite_output_dir_field()
 
     def __post_init__(self) -> None:
-        from rlhf_lm.redaction import take_hub_token
+        finish_config(self)
 
-        take_hub_token(self)  # before transformers pickles the config into training_args.bin
-        check_batch_sizes(self)
-        if getattr(self, "fp16", False) and (getattr(self, "use_cpu", False) or not _has_accelerator()):
-            raise ConfigError("fp16: true needs a GPU (fp16 mixed precision does not run on CPU, it would be "
-                              "ignored). Remove fp16, or use bf16: true on CPU.")
-        if self.bf16 is None:
-            import torch
 
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        if self.report_to in (None, [None]):  # TrlParser turns the "none" default of `str | list[str]` into [None]
-            self.report_to = "none"
-        check_tracking_backends(self.report_to)
-        _call_next_post_init(self, TrainingDefaults)
+def apply_training_defaults(cfg: TrainingDefaults) -> None:
+    """Our defaults and checks for the training fields, before TRL's / transformers' own ``__post_init__``."""
+    from rlhf_lm.redaction import take_hub_token
+
+    take_hub_token(cfg)  # before transformers pickles the config into training_args.bin
+    check_batch_sizes(cfg)
+    if getattr(cfg, "fp16", False) and (getattr(cfg, "use_cpu", False) or not _has_accelerator()):
+        raise ConfigError("fp16: true needs a GPU (fp16 mixed precision does not run on CPU, it would be "
+                          "ignored). Remove fp16, or use bf16: true on CPU.")
+    if cfg.bf16 is None:
+        import torch
+
+        cfg.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if cfg.report_to in (None, [None]):  # TrlParser turns the "none" default of `str | list[str]` into [None]
+        cfg.report_to = "none"
+    check_tracking_backends(cfg.report_to)
 
 
 # report_to backends -> the pip package to install (ours where we ship an extra for it)
@@ -227,147 +302,6 @@ class PairBatching:
     )
 
 
-def field_names(config_cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(config_cls) if f.init]
-
-
-# Names other tools use for our keys (PEFT's `r`, Axolotl / torchtune's `lora_rank`, ...): spelling distance alone
-# suggests the wrong key for these (`lora_rank` is closer to `local_rank` than to `lora_r`).
-KEY_ALIASES = {
-    "lora_rank": "lora_r", "rank": "lora_r", "r": "lora_r", "lora_targets": "lora_target_modules",
-    "target_modules": "lora_target_modules", "lr": "learning_rate", "batch_size": "per_device_train_batch_size",
-    "train_batch_size": "per_device_train_batch_size", "micro_batch_size": "per_device_train_batch_size",
-    "eval_batch_size": "per_device_eval_batch_size", "grad_accum": "gradient_accumulation_steps",
-    "gradient_accumulation": "gradient_accumulation_steps", "epochs": "num_train_epochs",
-    "num_epochs": "num_train_epochs", "model": "model_name_or_path", "model_name": "model_name_or_path",
-    "base_model": "model_name_or_path", "dataset": "dataset_name", "data_path": "dataset_name",
-    "output": "output_dir", "out_dir": "output_dir", "resume": "resume_from_checkpoint",
-}
-
-
-def closest_key(key: str, valid: list[str]) -> str | None:
-    """The valid key a user most likely meant: a known alias, else the closest spelling among keys that share the
-    first word (``lora_*`` for ``lora_rank``), else the closest spelling of any key."""
-    if KEY_ALIASES.get(key) in valid:
-        return KEY_ALIASES[key]
-    head = key.split("_")[0]
-    same_head = [v for v in valid if v.split("_")[0] == head]
-    return closest_spelling(key, same_head, cutoff=0.5) or closest_spelling(key, valid, cutoff=0.5)
-
-
-_TRUE, _FALSE = ("true", "yes", "1", "y", "t"), ("false", "no", "0", "n", "f")
-_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number"}
-
-
-def _scalar_kinds(hint: Any) -> set[type] | None:
-    """{int}, {float}, {bool} (plus NoneType when optional) for a plain scalar field; None for anything else."""
-    kinds = set(typing.get_args(hint)) or {hint}
-    return kinds if kinds and kinds <= {int, float, bool, type(None)} and kinds - {type(None)} else None
-
-
-def _fits(value: Any, kinds: set[type]) -> bool:
-    if value is None:
-        return type(None) in kinds
-    if bool in kinds and (isinstance(value, bool) or str(value).strip().lower() in _TRUE + _FALSE):
-        return True
-    if isinstance(value, bool):
-        return False
-    for kind in (int, float):
-        if kind in kinds:
-            if isinstance(value, int) or (kind is float and isinstance(value, float)):
-                return True
-            if isinstance(value, str):
-                try:
-                    kind(value.strip())
-                    return True
-                except ValueError:
-                    pass
-    return False
-
-
-def check_value_types(config_cls: type, values: dict[str, Any], source: str) -> None:
-    """A ConfigError naming ``source`` and the key for a value that cannot be its field's number or bool type
-    (``learning_rate: abc``); argparse would print its whole usage text and not say which file was wrong."""
-    try:
-        hints = typing.get_type_hints(config_cls)
-    except Exception:  # an annotation that cannot be resolved: the dataclass checks still run
-        return
-    for key, value in values.items():
-        kinds = _scalar_kinds(hints.get(key))
-        if kinds and not _fits(value, kinds):
-            names = " or ".join(_KIND_NAMES[k] for k in (bool, int, float) if k in kinds)
-            raise ConfigError(f"{source}: {key} must be {names}, got {value!r}.")
-
-
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML recipe into a dict, with errors that name the file."""
-    try:
-        with open(path) as f:
-            recipe = yaml.safe_load(f)
-    except FileNotFoundError as e:
-        raise ConfigError(f"Recipe file not found: {path}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Recipe {path} is not valid YAML: {e}") from e
-    if recipe is None:
-        return {}
-    if not isinstance(recipe, dict):
-        raise ConfigError(f"Recipe {path} must be a YAML mapping of config keys, got {type(recipe).__name__}.")
-    return recipe
-
-
-def check_keys(keys: list[str], config_cls: type, source: str) -> None:
-    """Raise a ConfigError for any key that is not a field of ``config_cls``, naming the closest valid key."""
-    valid = field_names(config_cls)
-    for key in keys:
-        if key not in valid:
-            raise ConfigError(f"Unknown config key '{key}' in {source} for {config_cls.__name__}."
-                              f"{did_you_mean(closest_key(key, valid))}")
-
-
-def parse_config(config_cls: type[T], args: list[str] | None = None) -> T:
-    """Parse ``[--config recipe.yaml] [--key value ...]`` into ``config_cls`` (YAML = defaults, flags override)."""
-    args = list(args or [])
-    if "--config" in args:
-        i = args.index("--config")
-        if i + 1 >= len(args):
-            raise ConfigError("--config needs a path to a YAML recipe.")
-        recipe = load_recipe(args[i + 1])
-        recipe.pop("env", None)  # TrlParser sets these as environment variables
-        check_keys(list(recipe), config_cls, f"recipe {args[i + 1]}")
-        check_value_types(config_cls, recipe, f"recipe {args[i + 1]}")
-        if not recipe:  # an empty recipe sets nothing (TrlParser would reject it)
-            del args[i : i + 2]
-    parser = TrlParser([config_cls])
-    parser.error = _argparse_error  # one ConfigError line instead of argparse's usage text and exit
-    try:
-        *parsed, remaining = parser.parse_args_and_config(args, return_remaining_strings=True)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"Invalid configuration for {config_cls.__name__}: {e}") from e
-    flags = [a.lstrip("-").split("=")[0].replace("-", "_") for a in remaining if a.startswith("--")]
-    if remaining:
-        check_keys(flags or remaining, config_cls, "command-line flags")
-        raise ConfigError(f"Unexpected command-line arguments: {' '.join(remaining)}")
-    return parsed[0]
-
-
-def _argparse_error(message: str) -> None:
-    raise ConfigError(f"command-line flags: {message}.")
-
-
-def config_from_dict(config_cls: type[T], values: dict[str, Any], source: str = "a dict") -> T:
-    """Build a stage config from a mapping (e.g. one stage of a pipeline recipe), checking keys and value types."""
-    check_keys(list(values), config_cls, source)
-    check_value_types(config_cls, values, source)
-    try:
-        return config_cls(**values)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"Invalid configuration for {config_cls.__name__} from {source}: {e}") from e
-
-
 @dataclass
 class ControllerArguments:
     """The hyperparameter controller (``rlhf_lm.controller``); off unless the recipe has a ``controller:`` section."""
@@ -379,11 +313,22 @@ class ControllerArguments:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.controller, str):
-            import json
+        finish_config(self)
 
-            try:
-                self.controller = json.loads(self.controller)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"controller must be a mapping (JSON on the command line): {e}") from e
-        _call_next_post_init(self, ControllerArguments)
+
+def parse_controller(cfg: ControllerArguments) -> None:
+    """The ``controller:`` mapping (JSON on the command line), read into a ControllerSpec now, so a bad key or value
+    fails naming ``controller.<key>`` before any model loads. The config keeps the keys the recipe set (with the
+    values as the spec read them): that is what metrics.json records and what the stage's controller is built from."""
+    from rlhf_lm.controller.spec import ControllerSpec
+
+    if isinstance(cfg.controller, str):
+        import json
+
+        try:
+            cfg.controller = json.loads(cfg.controller)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"controller must be a mapping (JSON on the command line): {e}") from e
+    if cfg.controller is not None:
+        spec = ControllerSpec.from_dict(cfg.controller)
+        cfg.controller = {key: getattr(spec, key) for key in cfg.controller}

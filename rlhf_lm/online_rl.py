@@ -68,7 +68,6 @@ class OnlineRLArguments:
     )
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
-    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (this stage reads prompts only)."})
 
 
 def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> dict[str, float]:

@@ -36,17 +36,20 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import time
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
-from rlhf_lm.configs import closest_key, load_recipe
+from rlhf_lm.config_parsing import (
+    closest_key,
+    config_from_dict,
+    load_recipe,
+    read_override,
+    unread_key_error,
+    unread_keys,
+)
 from rlhf_lm.errors import ArtifactError, ConfigError, did_you_mean
 from rlhf_lm.redaction import redact
 from rlhf_lm.stages import STAGES, StageEntry, get_stage, is_known_stage, unknown_stage_error
@@ -173,6 +176,8 @@ def plan_pipeline(recipe: dict[str, Any], source: str = "the recipe", output_dir
                 own[key] = value
                 used_shared.add(key)
         unknown = [k for k in section if k not in fields]
+        if unknown and unknown[0] in unread_keys(entry.config_class):
+            raise unread_key_error(unknown[0], entry.config_class, f"section '{name}' of {source}")
         if unknown:
             hint = did_you_mean(closest_key(unknown[0], sorted(fields)))
             raise ConfigError(f"Unknown config key '{unknown[0]}' in section '{name}' of {source} (a {kind} stage)."
@@ -239,34 +244,11 @@ def _wait_for_everyone() -> None:
     _distributed_state().wait_for_everyone()
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _numbers_from_strings(config_cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """PyYAML reads ``1e-4`` (no dot) as a string; give numeric fields numbers, as TrlParser does for stage recipes."""
-    try:
-        hints = typing.get_type_hints(config_cls)
-    except Exception:  # an annotation that cannot be resolved: leave the values to the dataclass checks
-        return values
-    out = dict(values)
-    for key, value in values.items():
-        if not (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
-            continue
-        kinds = set(typing.get_args(hints.get(key))) or {hints.get(key)}
-        if float in kinds:
-            out[key] = float(value)
-        elif int in kinds and float(value).is_integer():
-            out[key] = int(float(value))
-    return out
-
-
 def build_config(stage: StagePlan, source: str = "the recipe"):
-    """A stage's config object from its resolved values, through the stage dataclass's own checks."""
-    from rlhf_lm.configs import config_from_dict
-
+    """A stage's config object from its resolved values, read as a stage recipe's are (``config_from_dict``: the
+    same key checks and value conversion), then through the stage dataclass's own checks."""
     config_cls = get_stage(stage.kind, source).config_class
-    return config_from_dict(config_cls, _numbers_from_strings(config_cls, stage.values),
-                            f"section '{stage.name}' of {source}")
+    return config_from_dict(config_cls, stage.values, f"section '{stage.name}' of {source}")
 
 
 def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None = None,
@@ -389,8 +371,8 @@ def _metrics_only(metrics_json: dict[str, Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------- CLI
 def _parse_override(key: str, value: str, recipe: dict[str, Any]) -> None:
-    """``--dpo.beta 0.2`` sets a key in section ``dpo``; ``--seed 1`` sets a shared key. Values are YAML."""
-    parsed = yaml.safe_load(value)
+    """``--dpo.beta 0.2`` sets a key in section ``dpo``; ``--seed 1`` sets a shared key (values: ``read_override``)."""
+    parsed = read_override(value)
     if "." in key:
         section, sub = key.split(".", 1)
         target = recipe.setdefault(section, {})

@@ -76,12 +76,20 @@ class ControllerSpec:
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any] | None) -> ControllerSpec:
+        """The spec from a recipe's ``controller:`` mapping, its values read as a stage's are (``1e-3`` written
+        without a dot is a number); errors name the key as ``controller.<key>``."""
+        from rlhf_lm.config_parsing import check_value_types, coerce_values
+
+        if spec is not None and not isinstance(spec, dict):
+            raise ConfigError(f"controller must be a mapping of controller keys (e.g. {{policy: rules}}), got {spec!r}.")
         spec = dict(spec or {})
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in spec:
             if key not in valid:
                 hint = suggest(key, valid, cutoff=0.5) or f" Valid keys: {', '.join(valid)}."
-                raise ConfigError(f"Unknown key '{key}' in the controller section.{hint}")
+                raise ConfigError(f"Unknown key 'controller.{key}' in the controller section.{hint}")
+        spec = coerce_values(cls, spec)
+        check_value_types(cls, spec, "the controller section", prefix="controller.")
         try:
             return cls(**spec)
         except TypeError as e:

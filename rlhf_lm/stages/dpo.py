@@ -42,7 +42,7 @@ from rlhf_lm.configs import (
     ModelArguments,
     PairBatching,
     TrainingDefaults,
-    _call_next_post_init,
+    finish_config,
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
@@ -141,10 +141,8 @@ class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, PairBat
     eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the eval (0 = greedy)."})
 
     def __post_init__(self) -> None:
-        if self.report_to in (None, [None]):  # HfArgumentParser turns the `str | list[str]` default into [None]
-            self.report_to = "none"
         check_dpo_args(self)
-        _call_next_post_init(self, DPOStageConfig)
+        finish_config(self, trl.DPOConfig)  # the shared mixins' checks, then TRL's
 
 
 CONFIG = DPOStageConfig

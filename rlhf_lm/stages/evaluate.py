@@ -114,6 +114,8 @@ def _prompts_held_out_in_training(cfg: EvaluateStageConfig, trained: dict, token
         raise ConfigError(f"Set prompts: {cfg.policy_path} records no training dataset to take held-out prompts "
                           "from.")
     fields = {f.name: trained[f.name] for f in dataclasses.fields(DataArguments) if f.name in trained}
+    # A prompt stage (ppo, grpo, rloo) records no data_format (it has no such key); older runs recorded prompt_only.
+    fields.setdefault("data_format", "prompt_only")
     prompts = held_out_prompts(SimpleNamespace(**{**asdict(DataArguments()), **fields}), trained.get("seed", 0),
                                tokenizer)
     if not prompts:

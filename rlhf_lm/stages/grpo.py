@@ -19,18 +19,24 @@ from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
     ModelArguments,
+    NoQuantization,
+    PromptsOnly,
     TrainingDefaults,
+    finish_config,
     parse_config,
 )
 from rlhf_lm.online_rl import OnlineRLArguments, run_online
 
 
 @dataclass
-class GRPOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, ControllerArguments, TrainingDefaults,
-                      GRPOConfig):
+class GRPOStageConfig(OnlineRLArguments, NoQuantization, ModelArguments, PromptsOnly, DataArguments,
+                      ControllerArguments, TrainingDefaults, GRPOConfig):
     """Model + LoRA, prompt data, reward spec and TRL's GRPOConfig (beta 0 by default: no reference model)."""
 
     output_dir: str = field(default="runs/grpo", metadata={"help": "Where the adapter and metrics go."})
+
+    def __post_init__(self) -> None:
+        finish_config(self, GRPOConfig)  # the shared mixins' checks, then TRL's
 
 
 CONFIG = GRPOStageConfig

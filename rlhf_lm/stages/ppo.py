@@ -25,8 +25,10 @@ from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
     ModelArguments,
+    NoQuantization,
+    PromptsOnly,
     TrainingDefaults,
-    _call_next_post_init,
+    finish_config,
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
@@ -39,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOStageConfig(ModelArguments, DataArguments, ControllerArguments, TrainingDefaults, PPOConfig):
+class PPOStageConfig(NoQuantization, ModelArguments, PromptsOnly, DataArguments, ControllerArguments,
+                     TrainingDefaults, PPOConfig):
     """Everything the ``ppo`` stage reads: model + LoRA, prompt data, reward spec, PPO and training settings."""
 
     output_dir: str = field(default="runs/ppo", metadata={"help": "Where the adapter, value head and metrics go."})
@@ -54,7 +57,6 @@ class PPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Trainin
                           "and weights, same tokenizer) is loaded as a second adapter on the policy's base instead "
                           "of a second copy of the weights. false: always load it as a separate model."},
     )
-    data_format: str = field(default="prompt_only", metadata={"help": "Prompt rows (PPO reads prompts only)."})
     logging_steps: float = field(default=5, metadata={"help": "Log every N PPO iterations."})
     save_strategy: str = field(default="no", metadata={"help": "'steps' saves a resumable checkpoint every "
                                                                  "save_steps iterations; 'no' saves only the result."})
@@ -63,7 +65,7 @@ class PPOStageConfig(ModelArguments, DataArguments, ControllerArguments, Trainin
         if not self.use_peft:
             raise ConfigError("PPO here trains a LoRA adapter and uses the adapter-free base as the reference (one "
                               "copy of the weights); use_peft: false is not supported.")
-        _call_next_post_init(self, PPOStageConfig)
+        finish_config(self, PPOConfig)  # the shared mixins' checks, then PPOConfig's (and transformers')
 
 
 CONFIG = PPOStageConfig

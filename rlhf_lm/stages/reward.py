@@ -35,7 +35,7 @@ from rlhf_lm.configs import (
     ModelArguments,
     PairBatching,
     TrainingDefaults,
-    _call_next_post_init,
+    finish_config,
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
@@ -91,8 +91,6 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
     )
 
     def __post_init__(self) -> None:
-        if self.report_to in (None, [None]):  # HfArgumentParser turns the `str | list[str]` default into [None]
-            self.report_to = "none"
         if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
             raise ConfigError(f"center_rewards_coefficient must be >= 0, got {self.center_rewards_coefficient}.")
         if self.length_mode not in ("truncate_prompt", "drop"):
@@ -106,7 +104,7 @@ class RewardStageConfig(ModelArguments, DataArguments, ControllerArguments, Pair
             raise ConfigError("use_liger_kernel: true is not supported by the reward stage: Liger's fused loss "
                               "replaces a causal LM's head, and a reward model (sequence classifier) has none. "
                               "Remove use_liger_kernel from the reward recipe (the DPO stage supports it).")
-        _call_next_post_init(self, RewardStageConfig)
+        finish_config(self, RewardConfig)  # the shared mixins' checks, then TRL's
 
 
 CONFIG = RewardStageConfig

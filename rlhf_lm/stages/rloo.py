@@ -15,18 +15,24 @@ from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
     ModelArguments,
+    NoQuantization,
+    PromptsOnly,
     TrainingDefaults,
+    finish_config,
     parse_config,
 )
 from rlhf_lm.online_rl import OnlineRLArguments, run_online
 
 
 @dataclass
-class RLOOStageConfig(OnlineRLArguments, ModelArguments, DataArguments, ControllerArguments, TrainingDefaults,
-                      RLOOConfig):
+class RLOOStageConfig(OnlineRLArguments, NoQuantization, ModelArguments, PromptsOnly, DataArguments,
+                      ControllerArguments, TrainingDefaults, RLOOConfig):
     """Model + LoRA, prompt data, reward spec and TRL's RLOOConfig (beta 0 by default: no reference model)."""
 
     output_dir: str = field(default="runs/rloo", metadata={"help": "Where the adapter and metrics go."})
+
+    def __post_init__(self) -> None:
+        finish_config(self, RLOOConfig)  # the shared mixins' checks, then TRL's
 
 
 CONFIG = RLOOStageConfig
