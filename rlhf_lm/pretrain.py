@@ -29,6 +29,7 @@ def pretrain_causal_lm(
     from trl import SFTConfig, SFTTrainer
 
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+    from rlhf_lm.progress import show_progress
 
     model_dir = str(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -46,6 +47,7 @@ def pretrain_causal_lm(
         try:
             trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                                  processing_class=tokenizer, callbacks=callbacks)
+            show_progress(trainer, "task")  # the task stage's one training run
             result = trainer.train()
         finally:
             if progress_bars:

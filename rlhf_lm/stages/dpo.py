@@ -57,6 +57,7 @@ from rlhf_lm.modeling import (
     quantization_kwargs,
 )
 from rlhf_lm.preference_pairs import LENGTH_MODES, load_pairs, prepare_pairs, token_cache_dir
+from rlhf_lm.progress import show_progress
 from rlhf_lm.stages.common import (
     check_output_and_resume,
     checkpoints_in,
@@ -296,6 +297,7 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     attach_controller(trainer, controller)
+    show_progress(trainer, "dpo")
     return trainer, tokenizer, (report, eval_report)
 
 

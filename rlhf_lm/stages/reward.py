@@ -52,6 +52,7 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
+from rlhf_lm.progress import show_progress
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
 from rlhf_lm.stages.common import (
@@ -160,6 +161,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
             trainer = RewardTrainer(model=model, args=cfg, train_dataset=train, eval_dataset=eval_ds,
                                     processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
             attach_controller(trainer, controller)
+            show_progress(trainer, "reward")
             for ds, prepared, rep in ((train, trainer.train_dataset, report), (eval_ds, trainer.eval_dataset,
                                                                              eval_report)):
                 if ds is not None and len(prepared) < len(ds):  # tokenising prompt+response can differ by a token
