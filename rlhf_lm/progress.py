@@ -28,6 +28,7 @@ from rlhf_lm.stages import DEFAULT_CURVES, STAGES
 
 MAX_SHOWN = 4  # metrics on one bar or line: more no longer fits a terminal line next to the bar itself
 LINES_PER_STAGE = 10  # without a bar: about this many progress lines per stage, however often it logs
+NAME_WIDTH = 10  # stage names padded to this, so progress and summary lines of a pipeline line up
 EVAL_PREFIX = "eval_"  # transformers' prefix for the metrics of an evaluation during training
 # The trainer's closing log (runtime, samples per second, mean loss): the stage's summary line says it better.
 CLOSING_LOG_KEY = "train_runtime"
@@ -75,7 +76,7 @@ def stage_summary(name: str, kind: str, metrics: Mapping[str, Any], status: str 
     else:
         shown = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
         shown = dict(list(shown.items())[:MAX_SHOWN])
-    return f"{name:<10} {status:<17} {format_metrics(shown, separator=' ', joiner=', ')}".rstrip()
+    return f"{name:<{NAME_WIDTH}} {status:<17} {format_metrics(shown, separator=' ', joiner=', ')}".rstrip()
 
 
 class StageProgress(TrainerCallback):
@@ -124,7 +125,7 @@ class StageProgress(TrainerCallback):
             if not evaluation:
                 self.next_line_step = state.global_step + max(1, math.ceil(self.max_steps / LINES_PER_STAGE))
             width = len(str(self.max_steps))
-            print(f"{self.stage:<8} step {state.global_step:>{width}}/{self.max_steps}  {format_metrics(shown)}",
+            print(f"{self.stage:<{NAME_WIDTH}} step {state.global_step:>{width}}/{self.max_steps}  {format_metrics(shown)}",
                   flush=True)
 
     def on_train_end(self, args, state, control, **kwargs):

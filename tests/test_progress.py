@@ -61,10 +61,25 @@ def test_without_a_terminal_a_stage_prints_about_ten_lines_and_every_evaluation(
     progress.on_train_end(args, _state(100), None)
     lines = capsys.readouterr().out.splitlines()
     assert LINES_PER_STAGE <= len(lines) <= LINES_PER_STAGE + 2
-    assert lines[0] == "dpo      step   1/100  loss=1"
-    assert lines[-2] == "dpo      step 100/100  loss=0.01"
-    assert lines[-1] == "dpo      step 100/100  eval_loss=0.25"
+    assert lines[0] == "dpo        step   1/100  loss=1"
+    assert lines[-2] == "dpo        step 100/100  loss=0.01"
+    assert lines[-1] == "dpo        step 100/100  eval_loss=0.25"
     assert not any("grad_norm" in line or "train_runtime" in line for line in lines)
+
+
+def test_on_a_terminal_one_bar_carries_the_key_metrics(capsys):
+    args = SimpleNamespace(disable_tqdm=False)
+    progress = StageProgress("reward", key_metrics("reward"), bar=True)
+    progress.on_train_begin(args, _state(0, max_steps=4), None)
+    for step in range(1, 5):
+        progress.on_step_end(args, _state(step, max_steps=4), None)
+        progress.on_log(args, _state(step, max_steps=4), None, logs={"loss": 0.5, "accuracy": 0.75, "num_tokens": 9.0})
+    progress.on_train_end(args, _state(4, max_steps=4), None)
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the bar is on stderr, as tqdm's are; nothing lands between a program's output lines
+    final = captured.err.replace("\r", "\n").strip().splitlines()[-1]
+    assert final.startswith("reward: 100%") and "4/4" in final and "loss=0.5  accuracy=0.75" in final
+    assert "num_tokens" not in captured.err
 
 
 def test_other_ranks_show_nothing(capsys):

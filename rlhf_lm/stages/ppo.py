@@ -33,7 +33,7 @@ from rlhf_lm.controller import attach_controller, build_callback, controller_met
 from rlhf_lm.errors import ConfigError
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
-from rlhf_lm.progress import show_progress
+from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in
 
 logger = logging.getLogger(__name__)
@@ -128,6 +128,6 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    metrics = run(parse_config(PPOStageConfig, argv))
-    print({k: round(v, 4) for k, v in metrics.items() if k.startswith(("objective/", "train_"))})
+    cfg = parse_config(PPOStageConfig, argv)
+    print(stage_summary("ppo", "ppo", run(cfg), f"written to {cfg.output_dir}"))
     return 0
