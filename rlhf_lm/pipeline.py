@@ -372,7 +372,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
 
 def _print_summary(stage: StagePlan, metrics: dict[str, Any], seconds: float | None) -> None:
     """A readable line per finished stage (seconds None: finished in an earlier run), from the main process only.
-    (rlhf_lm.progress loads transformers, which planning the stages has done by now.)"""
+    (Imported here: rlhf_lm.progress loads transformers, which running a stage does anyway.)"""
     from rlhf_lm.progress import stage_summary
 
     status = f"done in {seconds:.0f} s" if seconds is not None else "finished earlier"

@@ -76,7 +76,7 @@ def stage_summary(name: str, kind: str, metrics: Mapping[str, Any], status: str 
     else:
         shown = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
         shown = dict(list(shown.items())[:MAX_SHOWN])
-    return f"{name:<{NAME_WIDTH}} {status:<17} {format_metrics(shown, separator=' ', joiner=', ')}".rstrip()
+    return f"{name:<{NAME_WIDTH}} {status:<16}  {format_metrics(shown, separator=' ', joiner=', ')}".rstrip()
 
 
 class StageProgress(TrainerCallback):

@@ -52,7 +52,7 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
-from rlhf_lm.progress import show_progress
+from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
 from rlhf_lm.stages.common import (
@@ -261,5 +261,5 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(f"Reward model written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        print(stage_summary("reward", "reward", metrics, f"written to {cfg.output_dir}"))  # all of them: metrics.json
     return 0
