@@ -88,6 +88,7 @@ class StageProgress(TrainerCallback):
         self.metrics = tuple(metrics)
         self.bar_wanted = bar  # None: decide at train start from disable_tqdm and whether stderr is a terminal
         self.bar = None
+        self.eval_bar = None  # while an evaluation runs under the bar: its batches, cleared when it ends
         self.shown_step = 0  # the last step the bar counted
         self.next_line_step = 0  # without a bar: the step from which the next progress line is due
         self.max_steps = 0
@@ -128,7 +129,26 @@ class StageProgress(TrainerCallback):
             print(f"{self.stage:<{NAME_WIDTH}} step {state.global_step:>{width}}/{self.max_steps}  {format_metrics(shown)}",
                   flush=True)
 
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        # An evaluation of a real model can take minutes: without this the bar would look stuck meanwhile.
+        if self.bar is None or eval_dataloader is None or not hasattr(eval_dataloader, "__len__"):
+            return
+        if self.eval_bar is None:
+            from tqdm.auto import tqdm
+
+            self.eval_bar = tqdm(total=len(eval_dataloader), desc=f"{self.stage} eval", leave=False,
+                                 dynamic_ncols=True)
+        self.eval_bar.update(1)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+            self.eval_bar = None
+
+    on_predict = on_evaluate
+
     def on_train_end(self, args, state, control, **kwargs):
+        self.on_evaluate(args, state, control)
         if self.bar is not None:
             self.bar.close()
             self.bar = None

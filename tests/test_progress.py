@@ -74,6 +74,11 @@ def test_on_a_terminal_one_bar_carries_the_key_metrics(capsys):
     for step in range(1, 5):
         progress.on_step_end(args, _state(step, max_steps=4), None)
         progress.on_log(args, _state(step, max_steps=4), None, logs={"loss": 0.5, "accuracy": 0.75, "num_tokens": 9.0})
+    for _ in range(3):  # an evaluation's batches: a second bar while it runs, gone when it ends
+        progress.on_prediction_step(args, _state(4, max_steps=4), None, eval_dataloader=[0, 1, 2])
+    assert progress.eval_bar.n == 3
+    progress.on_evaluate(args, _state(4, max_steps=4), None)
+    assert progress.eval_bar is None
     progress.on_train_end(args, _state(4, max_steps=4), None)
     captured = capsys.readouterr()
     assert captured.out == ""  # the bar is on stderr, as tqdm's are; nothing lands between a program's output lines
