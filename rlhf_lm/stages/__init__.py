@@ -113,7 +113,7 @@ STAGES: dict[str, StageEntry] = {entry.name: entry for entry in (
                f"{_POLICY} DPO (TRL DPOTrainer, LoRA, reference = adapters off).",
                provides=("policy",), reads="pairs", controller="loss",
                curves=("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen"),
-               summary=(("eval/implicit_accuracy", "held-out accuracy"), *_AGAINST_REFERENCE)),
+               summary=(("eval/implicit_accuracy", "implicit accuracy"), *_AGAINST_REFERENCE)),
     StageEntry("ppo", "rlhf_lm.stages.ppo",
                f"{_POLICY} PPO (LoRA policy + value head on one frozen base).",
                provides=("policy",), reads="prompts", controller="reward",
