@@ -67,6 +67,20 @@ def format_metrics(metrics: Mapping[str, Any], separator: str = "=", joiner: str
     return joiner.join(f"{name}{separator}{format_value(value)}" for name, value in metrics.items())
 
 
+def short_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` with each name cut to its last part (``objective/kl`` -> ``kl``, ``eval_rewards/margins`` ->
+    ``eval_margins``) where that stays unambiguous: a bar shares its line with the bar itself, and PPO's four full
+    names alone fill 100 columns."""
+    def short(name: str) -> str:
+        prefix = EVAL_PREFIX if name.startswith(EVAL_PREFIX) else ""
+        return prefix + name.removeprefix(prefix).rsplit("/", 1)[-1]
+
+    shorts = [short(name) for name in metrics]
+    if len(set(shorts)) < len(shorts):
+        return dict(metrics)
+    return dict(zip(shorts, metrics.values()))
+
+
 def stage_summary(name: str, kind: str, metrics: Mapping[str, Any], status: str = "done") -> str:
     """One line for a finished stage ``name`` of kind ``kind``: its ``status`` (``done in 57 s``) and the final
     metrics its table entry names as its ``summary`` (a stage without an entry: its first few numbers)."""
@@ -119,8 +133,9 @@ class StageProgress(TrainerCallback):
         if not shown:
             return
         if self.bar is not None:
-            self.bar.set_postfix_str(format_metrics(shown), refresh=True)
+            self.bar.set_postfix_str(format_metrics(short_names(shown)), refresh=True)
             return
+        # No bar: this run prints lines, or training has ended and this is a closing evaluation (DPO's), worth a line.
         evaluation = any(key.startswith(EVAL_PREFIX) for key in logs)
         if evaluation or state.global_step >= self.next_line_step or state.global_step >= self.max_steps:
             if not evaluation:
@@ -177,5 +192,5 @@ def _default_progress_callbacks() -> tuple[type, ...]:
     return (*defaults, NotebookProgressCallback)
 
 
-__all__ = ["StageProgress", "format_metrics", "format_value", "key_metrics", "shown_metrics", "show_progress",
-           "stage_summary"]
+__all__ = ["StageProgress", "format_metrics", "format_value", "key_metrics", "short_names", "shown_metrics",
+           "show_progress", "stage_summary"]

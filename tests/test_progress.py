@@ -13,6 +13,7 @@ from rlhf_lm.progress import (
     format_metrics,
     format_value,
     key_metrics,
+    short_names,
     shown_metrics,
     stage_summary,
 )
@@ -37,6 +38,14 @@ def test_only_the_stages_key_metrics_are_shown_and_evaluations_keep_their_prefix
     assert shown_metrics({"loss": 1.0}, names, limit=0) == {}
     assert key_metrics("task") == ("loss",)  # no curves worth a plot, but its loss is worth watching
     assert key_metrics("mypkg.score") == ("loss", "reward", "kl")  # a custom stage: the default curves
+
+
+def test_a_bar_shows_the_last_part_of_each_name_where_that_stays_unambiguous():
+    ppo = {"objective/rlhf_reward": 0.2, "objective/scores": 0.5, "objective/kl": 1.7, "policy/clipfrac": 0.01}
+    assert list(short_names(ppo)) == ["rlhf_reward", "scores", "kl", "clipfrac"]
+    assert list(short_names({"eval_rewards/margins": 0.5, "eval_loss": 0.6})) == ["eval_margins", "eval_loss"]
+    assert list(short_names({"policy/entropy": 1.0, "objective/entropy": 2.0})) == ["policy/entropy",
+                                                                                      "objective/entropy"]
 
 
 def test_a_finished_stage_reads_as_one_line_with_its_summary_metrics():
