@@ -39,7 +39,7 @@ def pretrain_causal_lm(
             output_dir=tmp, num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
             lr_scheduler_type="constant_with_warmup", warmup_steps=0.05, weight_decay=0.0, max_length=128, seed=seed, bf16=False,
             activation_checkpointing=False, save_strategy="no", report_to="none", logging_steps=250,
-            dataset_num_proc=None, use_cpu=True, disable_tqdm=True,
+            dataset_num_proc=None, use_cpu=True,  # progress: one bar on a terminal, a few lines elsewhere
         )
         # A preparatory step of the task, not a stage: keep its dataset progress bars out of the user's console.
         progress_bars = datasets.utils.logging.is_progress_bar_enabled()
