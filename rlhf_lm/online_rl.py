@@ -17,6 +17,7 @@ from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.errors import ConfigError, DataError
 from rlhf_lm.fsdp import full_state_dict, is_sharded
+from rlhf_lm.progress import show_progress
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
 from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in
@@ -119,6 +120,7 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
                                   eval_dataset=eval_ds if cfg.eval_strategy != "no" else None,
                                   processing_class=tokenizer, callbacks=callbacks)
             attach_controller(trainer, controller)
+            show_progress(trainer, stage)
             start = time.perf_counter()
             result = trainer.train(resume_from_checkpoint=resume or None)
             runtime = time.perf_counter() - start

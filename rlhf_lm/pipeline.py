@@ -308,6 +308,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
                 logger.warning("Stage %s finished with other settings for %s than this recipe gives; its output is "
                                "kept. Re-run it with --force %s.", stage.name, changed, stage.name)
             results[stage.name] = _metrics_only(read_json(stage.output_dir / METRICS_FILE))
+            _print_summary(stage, results[stage.name], seconds=None)
             record["stages"][stage.name] = {"kind": stage.kind, "status": "skipped", "seconds": 0.0}
             if stage.name in previous.get("log_history", {}):
                 record.setdefault("log_history", {})[stage.name] = previous["log_history"][stage.name]
@@ -333,7 +334,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
         seconds = time.perf_counter() - start
         rebuilt.add(stage.name)
         record["stages"][stage.name] = {"kind": stage.kind, "status": "ran", "seconds": round(seconds, 2)}
-        log("Stage %s finished in %.1f s.", stage.name, seconds)
+        _print_summary(stage, results[stage.name], seconds)
 
     # A skipped stage keeps the settings it really ran with, so a later run can still tell they differ.
     ran_with = {p["name"]: p for p in previous.get("stage_plan", [])}
@@ -349,6 +350,16 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
 
             push_run(pipeline.output_dir, pipeline.hub_repo_id, private=pipeline.hub_private)
     return results
+
+
+def _print_summary(stage: StagePlan, metrics: dict[str, Any], seconds: float | None) -> None:
+    """A readable line per finished stage (seconds None: finished in an earlier run), from the main process only.
+    (Imported here: rlhf_lm.progress loads transformers, which running a stage does anyway.)"""
+    from rlhf_lm.progress import stage_summary
+
+    status = f"done in {seconds:.0f} s" if seconds is not None else "finished earlier"
+    if _is_main_process():
+        print(stage_summary(stage.name, stage.kind, metrics, status), flush=True)
 
 
 def _changed_keys(previous_record: dict[str, Any], stage: StagePlan) -> list[str]:
@@ -416,10 +427,7 @@ def parse_args(argv: list[str] | None) -> tuple[dict[str, Any], str, str | None]
 def main(argv: list[str] | None = None) -> int:
     recipe, source, output_dir = parse_args(argv)
     pipeline = plan_pipeline(recipe, source=f"recipe {source}", output_dir=output_dir)
-    results = run_pipeline(pipeline)
+    run_pipeline(pipeline)  # prints a line per stage as it finishes; every metric is in pipeline.json
     if _is_main_process():
-        for name, metrics in results.items():
-            shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"{name}: {shown}")
         print(f"Run directory: {pipeline.output_dir}")
     return 0

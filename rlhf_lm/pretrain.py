@@ -29,6 +29,7 @@ def pretrain_causal_lm(
     from trl import SFTConfig, SFTTrainer
 
     from rlhf_lm.modeling import load_causal_lm, load_tokenizer
+    from rlhf_lm.progress import show_progress
 
     model_dir = str(model_dir)
     tokenizer = load_tokenizer(model_dir)
@@ -38,7 +39,7 @@ def pretrain_causal_lm(
             output_dir=tmp, num_train_epochs=epochs, learning_rate=learning_rate, per_device_train_batch_size=batch_size,
             lr_scheduler_type="constant_with_warmup", warmup_steps=0.05, weight_decay=0.0, max_length=128, seed=seed, bf16=False,
             activation_checkpointing=False, save_strategy="no", report_to="none", logging_steps=250,
-            dataset_num_proc=None, use_cpu=True, disable_tqdm=True,
+            dataset_num_proc=None, use_cpu=True,  # progress: one bar on a terminal, a few lines elsewhere
         )
         # A preparatory step of the task, not a stage: keep its dataset progress bars out of the user's console.
         progress_bars = datasets.utils.logging.is_progress_bar_enabled()
@@ -46,6 +47,7 @@ def pretrain_causal_lm(
         try:
             trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                                  processing_class=tokenizer, callbacks=callbacks)
+            show_progress(trainer, "task")  # the task stage's one training run
             result = trainer.train()
         finally:
             if progress_bars:

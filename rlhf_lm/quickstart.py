@@ -17,6 +17,8 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,26 @@ def _one_thread_for_tiny_models() -> None:
         torch.set_num_threads(1)
 
 
+@contextmanager
+def only_stage_progress_bars() -> Iterator[None]:
+    """The quickstart's data and models are tiny: the bars datasets and transformers draw while mapping and loading
+    them (a dozen per stage, each done in a blink) would bury the one bar per stage that :mod:`rlhf_lm.progress`
+    draws. They are switched off while it runs, and back on after."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    data_bars, model_bars = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if data_bars:
+            datasets.enable_progress_bars()
+        if model_bars:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     start = _process_start()
     argv = list(argv or [])
@@ -136,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     _one_thread_for_tiny_models()
     recipe, _, output_dir = parse_args(["--config", str(recipe_path()), *argv])
     pipeline = plan_pipeline(recipe, source="the quickstart recipe", output_dir=output_dir)
-    results = run_pipeline(pipeline)
+    with only_stage_progress_bars():
+        results = run_pipeline(pipeline)
 
     run_dir = pipeline.output_dir
     record = json.loads((run_dir / "pipeline.json").read_text())

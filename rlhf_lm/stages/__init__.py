@@ -56,6 +56,8 @@ class StageEntry:
     reads: str | None = None  # "pairs" or "prompts": which data of a task it trains or evaluates on
     controller: str | None = None  # the controller's objective here (CONTROLLER_OBJECTIVES); None: no controller
     curves: tuple[str, ...] = DEFAULT_CURVES  # logged metrics worth plotting, in order of preference
+    # (metric, label) pairs of the final metrics worth a line when the stage finishes (rlhf_lm.progress)
+    summary: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.provides) - set(ARTIFACTS))
@@ -94,32 +96,41 @@ class StageEntry:
 
 
 _POLICY = "Fine-tune a policy with"
+_AGAINST_REFERENCE = (("eval/win_rate", "win-rate"), ("eval/gold_reward/policy", "gold reward"), ("eval/kl", "KL"))
 STAGES: dict[str, StageEntry] = {entry.name: entry for entry in (
     StageEntry("task", "rlhf_lm.stages.task",
                "Build the built-in gold-reward task: data files and a tiny base policy.",
                provides=("base_model", "preference_data", "prompt_data", "gold"),
-               curves=()),  # the base policy's brief pre-training is part of building the task, not worth a plot
+               curves=(),  # the base policy's brief pre-training is part of building the task, not worth a plot
+               summary=(("task/num_train_prompts", "train prompts"), ("task/num_eval_prompts", "held-out prompts"),
+                        ("task/label_agreement", "label-gold agreement"))),
     StageEntry("reward", "rlhf_lm.stages.reward",
                "Train a reward model on preference pairs (TRL RewardTrainer, LoRA).",
                provides=("reward_model",), reads="pairs", controller="loss",
-               curves=("loss", "accuracy", "margin", "eval_loss")),
+               curves=("loss", "accuracy", "margin", "eval_loss"),
+               summary=(("reward/accuracy", "held-out accuracy"), ("reward/gold_accuracy", "gold accuracy"))),
     StageEntry("dpo", "rlhf_lm.stages.dpo",
                f"{_POLICY} DPO (TRL DPOTrainer, LoRA, reference = adapters off).",
                provides=("policy",), reads="pairs", controller="loss",
-               curves=("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen")),
+               curves=("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen"),
+               summary=(("eval/implicit_accuracy", "implicit accuracy"), *_AGAINST_REFERENCE)),
     StageEntry("ppo", "rlhf_lm.stages.ppo",
                f"{_POLICY} PPO (LoRA policy + value head on one frozen base).",
                provides=("policy",), reads="prompts", controller="reward",
                curves=("objective/rlhf_reward", "objective/scores", "objective/kl", "policy/clipfrac",
-                       "loss/policy_avg")),
+                       "loss/policy_avg"),
+               summary=(("objective/scores", "reward (last batch)"), ("objective/kl", "KL"))),
     StageEntry("grpo", "rlhf_lm.stages.grpo", f"{_POLICY} GRPO (TRL GRPOTrainer).",
                provides=("policy",), reads="prompts", controller="reward",
-               curves=("reward", "kl", "loss", "completions/mean_length")),
+               curves=("reward", "kl", "loss", "completions/mean_length"),
+               summary=(("reward/first", "reward at start"), ("reward/last", "at end"))),
     StageEntry("rloo", "rlhf_lm.stages.rloo", f"{_POLICY} RLOO (TRL RLOOTrainer).",
                provides=("policy",), reads="prompts", controller="reward",
-               curves=("reward", "kl", "loss", "completions/mean_length")),
+               curves=("reward", "kl", "loss", "completions/mean_length"),
+               summary=(("reward/first", "reward at start"), ("reward/last", "at end"))),
     StageEntry("evaluate", "rlhf_lm.stages.evaluate",
-               "Win-rate vs the reference, reward, KL and samples on held-out prompts.", reads="prompts"),
+               "Win-rate vs the reference, reward, KL and samples on held-out prompts.", reads="prompts",
+               summary=_AGAINST_REFERENCE),
 )}
 
 

@@ -57,6 +57,7 @@ from rlhf_lm.modeling import (
     quantization_kwargs,
 )
 from rlhf_lm.preference_pairs import LENGTH_MODES, load_pairs, prepare_pairs, token_cache_dir
+from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.stages.common import (
     check_output_and_resume,
     checkpoints_in,
@@ -294,6 +295,7 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
     trainer = DPOTrainer(model=policy, ref_model=ref_model, args=cfg, train_dataset=train_tok, eval_dataset=eval_tok,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
     attach_controller(trainer, controller)
+    show_progress(trainer, "dpo")
     return trainer, tokenizer, (report, eval_report)
 
 
@@ -384,5 +386,5 @@ def evaluate_command(cfg: DPOStageConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(DPOStageConfig, argv)
     metrics = run(cfg)
-    print(f"DPO policy written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    print(stage_summary("dpo", "dpo", metrics, f"written to {cfg.output_dir}"))  # all of them: metrics.json
     return 0

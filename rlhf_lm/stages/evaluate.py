@@ -216,7 +216,9 @@ def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer, data: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlhf_lm.progress import stage_summary  # it imports transformers: this module stays light until it runs
+
     cfg = parse_config(EvaluateStageConfig, argv)
     metrics = run(cfg)
-    print(f"Evaluation written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    print(stage_summary("evaluate", "evaluate", metrics, f"written to {cfg.output_dir}"))  # all: metrics.json
     return 0

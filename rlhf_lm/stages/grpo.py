@@ -26,6 +26,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.online_rl import OnlineRLArguments, run_online
+from rlhf_lm.progress import stage_summary
 
 
 @dataclass
@@ -49,5 +50,6 @@ def run(cfg: GRPOStageConfig, callbacks: list | None = None) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(run(parse_config(GRPOStageConfig, argv)))
+    cfg = parse_config(GRPOStageConfig, argv)
+    print(stage_summary("grpo", "grpo", run(cfg), f"written to {cfg.output_dir}"))
     return 0

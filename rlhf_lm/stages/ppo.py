@@ -35,6 +35,7 @@ from rlhf_lm.controller import attach_controller, build_callback, controller_met
 from rlhf_lm.errors import ConfigError
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
+from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
                                  eval_prompts=eval_ds["prompt"] if eval_ds is not None else None,
                                  callbacks=callbacks, data_report=report)
             attach_controller(trainer, controller)
+            show_progress(trainer, "ppo")
             logger.info(trainer.data_report.summary())
             start = time.perf_counter()
             final = trainer.train(resume_from_checkpoint=resume)
@@ -128,6 +130,6 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    metrics = run(parse_config(PPOStageConfig, argv))
-    print({k: round(v, 4) for k, v in metrics.items() if k.startswith(("objective/", "train_"))})
+    cfg = parse_config(PPOStageConfig, argv)
+    print(stage_summary("ppo", "ppo", run(cfg), f"written to {cfg.output_dir}"))
     return 0

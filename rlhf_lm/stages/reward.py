@@ -52,6 +52,7 @@ from rlhf_lm.modeling import (
     lora_config_from_args,
     quantization_kwargs,
 )
+from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.rewards import ClassifierReward
 from rlhf_lm.rewards.layout import fit_pairs_to_length
 from rlhf_lm.stages.common import (
@@ -158,6 +159,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
             trainer = RewardTrainer(model=model, args=cfg, train_dataset=train, eval_dataset=eval_ds,
                                     processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
             attach_controller(trainer, controller)
+            show_progress(trainer, "reward")
             for ds, prepared, rep in ((train, trainer.train_dataset, report), (eval_ds, trainer.eval_dataset,
                                                                              eval_report)):
                 if ds is not None and len(prepared) < len(ds):  # tokenising prompt+response can differ by a token
@@ -257,5 +259,5 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        print(f"Reward model written to {cfg.output_dir}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        print(stage_summary("reward", "reward", metrics, f"written to {cfg.output_dir}"))  # all of them: metrics.json
     return 0

@@ -22,6 +22,7 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.online_rl import OnlineRLArguments, run_online
+from rlhf_lm.progress import stage_summary
 
 
 @dataclass
@@ -45,5 +46,6 @@ def run(cfg: RLOOStageConfig, callbacks: list | None = None) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    print(run(parse_config(RLOOStageConfig, argv)))
+    cfg = parse_config(RLOOStageConfig, argv)
+    print(stage_summary("rloo", "rloo", run(cfg), f"written to {cfg.output_dir}"))
     return 0
