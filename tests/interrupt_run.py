@@ -56,5 +56,9 @@ def signal_at(point: str, signum: int) -> None:
 if __name__ == "__main__":
     kind, point, separator, *argv = sys.argv[1:]
     assert separator == "--", "usage: interrupt_run.py KILL|INT POINT -- <rlhf-lm arguments>"
+    # A process started with SIGINT ignored (inherited from a parent that ignores it: a background job, or something
+    # in the test process) gets no KeyboardInterrupt handler from Python, and Ctrl-C does nothing. Ctrl-C is what is
+    # tested here, so install Python's own (seen: the full suite once ran this test with SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal_at(point, signal.SIGKILL if kind == "KILL" else signal.SIGINT)
     main(argv)
