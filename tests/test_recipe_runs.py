@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 
 from rlhf_lm.configs import load_recipe, parse_config
 from rlhf_lm.errors import ConfigError, RlhfError
-from rlhf_lm.pipeline import PIPELINE_KEYS, parse_args, plan_pipeline, run_pipeline
+from rlhf_lm.pipeline import parse_args, plan_pipeline, run_pipeline
+from rlhf_lm.pipeline_plan import PIPELINE_KEYS
 from rlhf_lm.stages import STAGES
 
 pytestmark = pytest.mark.real

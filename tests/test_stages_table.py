@@ -19,7 +19,7 @@ from rlhf_lm.stages import ARTIFACTS, STAGES, Stage, StageEntry, get_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 # Modules that used to keep their own per-stage tables (cli.py, pipeline.py, the controller, the plots, the card).
-READERS = ["rlhf_lm/cli.py", "rlhf_lm/pipeline.py", "rlhf_lm/plotting.py", "rlhf_lm/hub.py",
+READERS = ["rlhf_lm/cli.py", "rlhf_lm/pipeline.py", "rlhf_lm/pipeline_plan.py", "rlhf_lm/plotting.py", "rlhf_lm/hub.py",
            *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "rlhf_lm" / "controller").rglob("*.py"))]
 
 
