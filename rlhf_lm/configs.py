@@ -291,6 +291,23 @@ def _has_accelerator() -> bool:
 
 
 @dataclass
+class RewardSpecArguments:
+    """The reward an online stage (PPO, GRPO, RLOO) trains against, and whether it shares the policy's base."""
+
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
+                          "'file.py:Name'."},
+    )
+    share_reward_base: bool = field(
+        default=True,
+        metadata={"help": "A reward-stage LoRA reward model trained on the policy's own base checkpoint (same config "
+                          "and weights, same tokenizer) is loaded as a second adapter on the policy's base instead "
+                          "of a second copy of the weights (needs use_peft). false: always a separate model."},
+    )
+
+
+@dataclass
 class PairBatching:
     """Preference-pair stages (reward, DPO): batch pairs of similar length, so less of each batch is padding."""
 

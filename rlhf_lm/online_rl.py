@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
+from rlhf_lm.configs import RewardSpecArguments
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
-from rlhf_lm.errors import ConfigError, DataError
+from rlhf_lm.errors import DataError
 from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.progress import show_progress
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
-from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in
+from rlhf_lm.stages.common import checkpoints_in, prepare_online_run
 from rlhf_lm.trainers import with_atomic_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -53,20 +54,9 @@ def filter_prompts(ds, tokenizer, max_prompt_length: int | None, report):
 
 
 @dataclass
-class OnlineRLArguments:
+class OnlineRLArguments(RewardSpecArguments):
     """What GRPO and RLOO add to TRL's config: a reward spec and counted prompt-length filtering."""
 
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
-                          "'file.py:Name'."},
-    )
-    share_reward_base: bool = field(
-        default=True,
-        metadata={"help": "A reward-stage LoRA reward model trained on the policy's own base checkpoint (same config "
-                          "and weights, same tokenizer) is loaded as a second adapter on the policy's base instead "
-                          "of a second copy of the weights (needs use_peft). false: always a separate model."},
-    )
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
 
@@ -76,19 +66,10 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
     from peft import get_peft_model
     from transformers import set_seed
 
-    from rlhf_lm.data import load_prompt_data
-    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
-    from rlhf_lm.shared_reward import PolicyAdapterOnlySaves, resolve_reward
+    from rlhf_lm.modeling import load_causal_lm, lora_config_from_args
+    from rlhf_lm.shared_reward import PolicyAdapterOnlySaves
 
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
-    if not cfg.reward_model:
-        raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
-    resume = check_output_and_resume(cfg)
-    place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
-                               trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
-    train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
+    resume, place_reward, tokenizer, train, eval_ds, report = prepare_online_run(cfg)
     train = filter_prompts(train, tokenizer, cfg.max_prompt_length, report)
     if eval_ds is not None:
         eval_ds = filter_prompts(eval_ds, tokenizer, cfg.max_prompt_length, report)

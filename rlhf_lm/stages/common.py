@@ -28,6 +28,31 @@ def check_output_and_resume(cfg) -> str | None:
     return resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
 
 
+def prepare_online_run(cfg):
+    """What PPO, GRPO and RLOO do before loading the policy, in this order so that a mistake fails in a second: the
+    required keys, the output directory and the checkpoint to resume from, the reward spec resolved, the
+    left-padding tokenizer (with an EOS, where generation stops), and the prompt data.
+
+    Returns ``(resume, place_reward, tokenizer, train, eval_ds, report)``; ``place_reward(policy, tokenizer)`` puts
+    the reward model on the policy's base or beside it (:func:`rlhf_lm.shared_reward.resolve_reward`).
+    """
+    from rlhf_lm.data import load_prompt_data
+    from rlhf_lm.errors import ConfigError
+    from rlhf_lm.modeling import load_tokenizer
+    from rlhf_lm.shared_reward import resolve_reward
+
+    if not cfg.model_name_or_path:
+        raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
+    if not cfg.reward_model:
+        raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
+    resume = check_output_and_resume(cfg)
+    place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
+    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
+                               trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
+    train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
+    return resume, place_reward, tokenizer, train, eval_ds, report
+
+
 def staging(cfg, stage: str):
     """The directory a training run writes into until it has finished (see :func:`rlhf_lm.artifacts.staged_output`).
 

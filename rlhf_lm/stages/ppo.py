@@ -27,6 +27,7 @@ from rlhf_lm.configs import (
     ModelArguments,
     NoQuantization,
     PromptsOnly,
+    RewardSpecArguments,
     TrainingDefaults,
     finish_config,
     parse_config,
@@ -36,28 +37,17 @@ from rlhf_lm.errors import ConfigError
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.progress import show_progress, stage_summary
-from rlhf_lm.stages.common import check_output_and_resume, checkpoints_in
+from rlhf_lm.stages.common import checkpoints_in, prepare_online_run
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class PPOStageConfig(NoQuantization, ModelArguments, PromptsOnly, DataArguments, ControllerArguments,
+class PPOStageConfig(RewardSpecArguments, NoQuantization, ModelArguments, PromptsOnly, DataArguments, ControllerArguments,
                      TrainingDefaults, PPOConfig):
     """Everything the ``ppo`` stage reads: model + LoRA, prompt data, reward spec, PPO and training settings."""
 
     output_dir: str = field(default="runs/ppo", metadata={"help": "Where the adapter, value head and metrics go."})
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "Reward spec: 'gold' (built-in task), a reward-stage output dir, 'pkg.mod:Name' or "
-                          "'file.py:Name'."},
-    )
-    share_reward_base: bool = field(
-        default=True,
-        metadata={"help": "A reward-stage LoRA reward model trained on the policy's own base checkpoint (same config "
-                          "and weights, same tokenizer) is loaded as a second adapter on the policy's base instead "
-                          "of a second copy of the weights. false: always load it as a separate model."},
-    )
     logging_steps: float = field(default=5, metadata={"help": "Log every N PPO iterations."})
     save_strategy: str = field(default="no", metadata={"help": "'steps' saves a resumable checkpoint every "
                                                                  "save_steps iterations; 'no' saves only the result."})
@@ -76,19 +66,9 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     from peft import get_peft_model
     from transformers import set_seed
 
-    from rlhf_lm.data import load_prompt_data
-    from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
-    from rlhf_lm.shared_reward import resolve_reward
+    from rlhf_lm.modeling import load_causal_lm, lora_config_from_args
 
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
-    if not cfg.reward_model:
-        raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
-    resume = check_output_and_resume(cfg)
-    place_reward = resolve_reward(cfg.reward_model, share=cfg.share_reward_base)  # a bad spec fails before loading
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="left",
-                               trust_remote_code=getattr(cfg, "trust_remote_code", False), require_eos=True)
-    train, eval_ds, report = load_prompt_data(cfg, cfg.seed, tokenizer)
+    resume, place_reward, tokenizer, train, eval_ds, report = prepare_online_run(cfg)
     set_seed(cfg.seed)  # before LoRA's random init, so a run is a function of its config
     model = load_causal_lm(cfg.model_name_or_path, dtype=cfg.dtype or "auto", trust_remote_code=getattr(cfg, "trust_remote_code", False),
                            allow_pickle_weights=cfg.allow_pickle_weights)
