@@ -10,11 +10,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import get_peft_model
-from transformers import set_seed
+from tiny_lora_policy import tiny_lora_policy, train_prompts
 
-from rlhf_lm.configs import ModelArguments
-from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.ppo.rollout import collect_rollout
 from rlhf_lm.rewards import GoldReward
@@ -23,11 +20,8 @@ from rlhf_lm.rewards import GoldReward
 def main(task: str, out: str) -> None:
     torch.set_num_threads(1)
     state = PartialState()
-    set_seed(0)
-    tokenizer = load_tokenizer(f"{task}/base_policy", padding_side="left")
-    model = get_peft_model(load_causal_lm(f"{task}/base_policy", dtype="float32"),
-                           lora_config_from_args(ModelArguments(lora_r=4, lora_alpha=8)))
-    prompt = json.loads(Path(f"{task}/data/prompts_train.jsonl").read_text().splitlines()[0])["prompt"]
+    tokenizer, model = tiny_lora_policy(task)
+    prompt = train_prompts(task)[0]
     args = PPOConfig(output_dir=f"{out}/run", rollout_batch_size=8, max_new_tokens=12, use_cpu=True,
                      report_to="none", disable_tqdm=True, seed=0)
     trainer = PPOTrainer(model, args, tokenizer, GoldReward(), [prompt] * 16)

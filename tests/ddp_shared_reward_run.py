@@ -12,11 +12,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import get_peft_model
-from transformers import set_seed
+from tiny_lora_policy import tiny_lora_policy, train_prompts
 
-from rlhf_lm.configs import ModelArguments
-from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.shared_reward import SharedBaseReward, load_reward_for_policy
 
@@ -31,13 +28,10 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 def main(task: str, out: str, reward_dir: str) -> None:
     torch.set_num_threads(1)
     state = PartialState()
-    set_seed(0)
-    tokenizer = load_tokenizer(f"{task}/base_policy", padding_side="left")
-    policy = get_peft_model(load_causal_lm(f"{task}/base_policy", dtype="float32"),
-                            lora_config_from_args(ModelArguments(lora_r=4, lora_alpha=8)))
+    tokenizer, policy = tiny_lora_policy(task)
     reward, layout = load_reward_for_policy(reward_dir, policy, tokenizer)
     before = digest(reward.adapter_parameters())
-    prompts = [json.loads(line)["prompt"] for line in Path(f"{task}/data/prompts_train.jsonl").read_text().splitlines()]
+    prompts = train_prompts(task)
     args = PPOConfig(output_dir=f"{out}/run", rollout_batch_size=8, per_device_train_batch_size=8, max_new_tokens=12,
                      max_steps=2, num_ppo_epochs=2, learning_rate=3e-3, use_cpu=True, report_to="none",
                      disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0)

@@ -15,13 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from peft import get_peft_model
-from transformers import set_seed
+from tiny_lora_policy import tiny_lora_policy, train_prompts
 
-from rlhf_lm.configs import ModelArguments
 from rlhf_lm.fsdp import is_sharded
 from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
-from rlhf_lm.modeling import load_causal_lm, load_tokenizer, lora_config_from_args
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.rewards import GoldReward
 from rlhf_lm.sampling import left_pad, sample, sampling_config
@@ -33,11 +30,8 @@ def main(task: str, out: str) -> None:
     torch.set_num_threads(1)
     cpu_ranks_join_one_group()  # what the rlhf-lm CLI does first
     check_current_launch()
-    set_seed(0)
-    tokenizer = load_tokenizer(f"{task}/base_policy", padding_side="left")
-    model = get_peft_model(load_causal_lm(f"{task}/base_policy", dtype="float32"),
-                           lora_config_from_args(ModelArguments(lora_r=4, lora_alpha=8)))
-    prompt = json.loads(Path(f"{task}/data/prompts_train.jsonl").read_text().splitlines()[0])["prompt"]
+    tokenizer, model = tiny_lora_policy(task)
+    prompt = train_prompts(task)[0]
     args = PPOConfig(output_dir=f"{out}/run", rollout_batch_size=2, per_device_train_batch_size=2, use_cpu=True,
                      report_to="none", disable_tqdm=True, seed=0)
     trainer = PPOTrainer(model, args, tokenizer, GoldReward(), [prompt] * 4)
