@@ -219,7 +219,7 @@ def grpo_curves(base: Path, data: Path, reward_dir: Path, work: Path) -> dict:
             learning_rate=1e-3, logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, report_to="none",
             save_strategy="no", share_reward_base=layout == "shared", **LORA), "benchmark"))
         saved = json.loads((out / "metrics.json").read_text())
-        assert saved["reward_layout"]["shared_base"] == (layout == "shared"), saved["reward_layout"]
+        assert saved["run"]["reward_layout"]["shared_base"] == (layout == "shared"), saved["run"]
         logs[layout] = [h for h in saved["log_history"] if "reward" in h]
     keys = ("reward", "reward_std", "loss", "entropy", "completions/mean_length", "grad_norm")
     diffs = {other: compare_logs(logs["shared"], logs[other]) for other in ("separate", "unmerged")}

@@ -190,7 +190,7 @@ def _reward_layout_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
     """One line per online stage on how its reward model was held: shared with the policy's base, or separate."""
     lines = []
     for prefix, values in metrics.items():
-        layout = values.get("reward_layout") or {}
+        layout = (values.get("run") or {}).get("reward_layout") or {}
         stage = f"`{prefix}`" if prefix else "this run"
         if layout.get("shared_base"):
             lines.append(f"- **Reward model of {stage}:** shared - the reward stage's LoRA adapter ran as a second, "
@@ -230,9 +230,9 @@ KEY_METRICS = ("eval/win_rate", "eval/gold_win_rate", "eval/gold_reward/policy",
 
 
 def _key_metrics(metrics_json: dict[str, Any], limit: int = 6) -> dict[str, float]:
-    """The headline numbers of a stage's metrics.json (flat, or nested under ``metrics``)."""
-    flat = {**metrics_json, **(metrics_json.get("metrics") or {})}
-    numbers = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The headline numbers of a stage's metrics.json (its ``metrics`` entry)."""
+    final = metrics_json.get("metrics") or {}
+    numbers = {k: v for k, v in final.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     ordered = [k for k in KEY_METRICS if k in numbers] or sorted(numbers)
     return {k: numbers[k] for k in ordered[:limit]}
 

@@ -11,6 +11,7 @@ exactly as it would load a Hub model. Nothing here touches the network.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -30,6 +31,8 @@ from transformers import (
 )
 
 from rlhf_lm.errors import ArtifactError, ConfigError
+
+logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -330,3 +333,15 @@ def check_length_room(max_length: int | None, tokenizer) -> None:
         raise ConfigError(f"max_length={max_length} leaves no room for a prompt and a response: this tokenizer needs "
                           f"at least {needed} tokens (one of prompt, one of response, EOS and its special tokens). "
                           "Raise max_length.")
+
+
+def readable_max_length(max_length: int | None, model, tokenizer, name: str) -> int | None:
+    """``max_length``, lowered to the model's ``max_position_embeddings`` (and filled in when unset) where it asks for
+    more than the model ``name`` can read; checked against the room a pair needs (:func:`check_length_room`)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if max_length is None or (limit and max_length > limit):
+        logger.info("max_length=%s exceeds what %s can read; using its max_position_embeddings=%s.",
+                    max_length, name, limit)
+        max_length = limit
+        check_length_room(max_length, tokenizer)
+    return max_length

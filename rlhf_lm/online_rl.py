@@ -13,15 +13,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
+from rlhf_lm.artifacts import staged_output
 from rlhf_lm.configs import RewardSpecArguments
-from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
+from rlhf_lm.controller import attach_controller, build_callback
 from rlhf_lm.errors import DataError
 from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.progress import show_progress
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
-from rlhf_lm.stages.common import checkpoints_in, prepare_online_run
+from rlhf_lm.stages.common import checkpoints_in, config_record, prepare_online_run, write_stage_metrics
 from rlhf_lm.trainers import with_atomic_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -106,19 +106,15 @@ def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> d
             result = trainer.train(resume_from_checkpoint=resume or None)
             runtime = time.perf_counter() - start
             save_policy(trainer, out)
-        history = trainer.state.log_history
-        train_logs = [h for h in history if f"rewards/{reward_fn.__name__}/mean" in h]
-        metrics = {"train_loss": result.training_loss, "train_runtime": runtime}
+        train_logs = [h for h in trainer.state.log_history if f"rewards/{reward_fn.__name__}/mean" in h]
+        metrics = {"train/loss": result.training_loss, "train/runtime_s": runtime}
         if train_logs:
             metrics["reward/first"] = train_logs[0]["reward"]
             metrics["reward/last"] = train_logs[-1]["reward"]
         if trainer.accelerator.is_main_process:
             tokenizer.save_pretrained(out)
-            write_json(out / METRICS_FILE, {**metrics, "num_processes": trainer.accelerator.num_processes,
-                                            "distributed_type": str(trainer.accelerator.distributed_type),
-                                            "data_report": report.as_dict(), "reward_layout": reward_layout,
-                                            "log_history": history,
-                                            "config": cfg.to_dict(), **controller_metrics(trainer)})
+            write_stage_metrics(out, stage, metrics, config_record(cfg), trainer=trainer, data={"train": report},
+                                run={"reward_layout": reward_layout})
     return metrics
 
 

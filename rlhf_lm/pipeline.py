@@ -95,19 +95,9 @@ def run_stage(stage: StagePlan, source: str = "the recipe", history: list | None
     if replace and "overwrite_output_dir" in fields_of(entry.config_class):
         stage = dataclasses.replace(stage, values={**stage.values, "overwrite_output_dir": True})
     cfg = build_config(stage, source)
+    from rlhf_lm.stages.common import log_history_recorder  # the stage loads transformers anyway
+
     return entry.run(cfg, callbacks=[log_history_recorder(history)] if history is not None else [])
-
-
-def log_history_recorder(into: list):
-    """A TrainerCallback that copies the trainer's log history (the training curves) into ``into`` at the end, for
-    stages that do not save it themselves. (Built here so importing the pipeline stays light.)"""
-    from transformers import TrainerCallback
-
-    class LogHistoryRecorder(TrainerCallback):
-        def on_train_end(self, args, state, control, **kwargs):
-            into[:] = list(state.log_history)
-
-    return LogHistoryRecorder()
 
 
 def _free_memory() -> None:
@@ -143,7 +133,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
             if changed:
                 logger.warning("Stage %s finished with other settings for %s than this recipe gives; its output is "
                                "kept. Re-run it with --force %s.", stage.name, changed, stage.name)
-            results[stage.name] = _metrics_only(read_json(stage.output_dir / METRICS_FILE))
+            results[stage.name] = _final_metrics(stage)
             _print_summary(stage, results[stage.name], seconds=None)
             record["stages"][stage.name] = {"kind": stage.kind, "status": "skipped", "seconds": 0.0}
             if stage.name in previous.get("log_history", {}):
@@ -159,7 +149,7 @@ def run_pipeline(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
                                                  replace=stage.name in pipeline.force or bool(stale)))
             # kept once: in the stage's metrics.json when it saves the history itself, else here (only the main
             # process writes the record, and only it is sure to find metrics.json written by now)
-            if history and _is_main_process() and "log_history" not in read_json(stage.output_dir / METRICS_FILE):
+            if history and _is_main_process() and not read_json(stage.output_dir / METRICS_FILE).get("log_history"):
                 record.setdefault("log_history", {})[stage.name] = history
         except Exception:
             logger.error("Stage %s failed. Finished stages and any previous %s are untouched; fix the cause and "
@@ -207,13 +197,15 @@ def _changed_keys(previous_record: dict[str, Any], stage: StagePlan) -> list[str
     return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
 
 
-def _metrics_only(metrics_json: dict[str, Any]) -> dict[str, Any]:
-    """A stage's metrics.json minus the bulky parts (config, data report, log history); a nested ``metrics``
-    mapping (the reward stage's layout) is lifted to the top."""
-    flat = {k: v for k, v in metrics_json.items() if isinstance(v, (int, float, str, bool))}
-    if isinstance(metrics_json.get("metrics"), dict):
-        flat.update(_metrics_only(metrics_json["metrics"]))
-    return flat
+def _final_metrics(stage: StagePlan) -> dict[str, Any]:
+    """A finished stage's final numbers: the ``metrics`` entry of its metrics.json (one schema for every stage,
+    :data:`rlhf_lm.stages.common.METRICS_SCHEMA`)."""
+    metrics = read_json(stage.output_dir / METRICS_FILE).get("metrics")
+    if not isinstance(metrics, dict):
+        raise ArtifactError(f"{stage.output_dir / METRICS_FILE} has no 'metrics' mapping: a stage writes it with "
+                            "rlhf_lm.stages.common.write_stage_metrics. Re-run the stage with --force "
+                            f"{stage.name}.")
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------------------- CLI

@@ -6,13 +6,13 @@ pairs' mean gold reward; ``fail: true`` makes it crash half-way through writing 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
+from rlhf_lm.artifacts import staged_output
 from rlhf_lm.configs import DataArguments
 from rlhf_lm.data import load_preference_data
 from rlhf_lm.modeling import load_tokenizer
+from rlhf_lm.stages.common import config_record, write_stage_metrics
 from rlhf_lm.task import gold_reward
 
 PROVIDES = ("policy",)
@@ -54,5 +54,5 @@ def run(cfg: ScoreStageConfig, callbacks: list | None = None) -> dict[str, float
                    "score/models_at_start": float(models_at_start)}
         if cfg.gold:
             metrics["score/gold_chosen"] = sum(gold_reward(r["prompt"], r["chosen"]) for r in train) / len(train)
-        write_json(out / METRICS_FILE, {**metrics, "config": dataclasses.asdict(cfg)})
+        write_stage_metrics(out, "score", metrics, config_record(cfg))  # the one metrics.json schema
     return metrics

@@ -296,12 +296,12 @@ def test_evaluate_finds_the_held_out_prompts_of_a_prompt_stage_that_records_no_d
     """ppo / grpo / rloo have no data_format key (they read prompts only), so their metrics.json records none."""
     from types import SimpleNamespace
 
-    from rlhf_lm.stages.evaluate import _prompts_held_out_in_training
+    from rlhf_lm.saved_policy import prompts_held_out_in_training
 
     rows = [{"prompt": f"q{i}?"} for i in range(40)]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for trained in ({"dataset_name": str(tmp_path / "prompts.jsonl"), "eval_fraction": 0.25},  # today's record
                     {"dataset_name": str(tmp_path / "prompts.jsonl"), "eval_fraction": 0.25,  # before this change
                      "data_format": "prompt_only"}):
-        prompts = _prompts_held_out_in_training(SimpleNamespace(policy_path="runs/ppo"), trained, None)
+        prompts = prompts_held_out_in_training(SimpleNamespace(policy_path="runs/ppo"), trained, None)
         assert len(prompts) == 10 and set(prompts) <= {r["prompt"] for r in rows}

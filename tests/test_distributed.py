@@ -98,13 +98,13 @@ def test_two_processes_match_one_at_the_same_global_batch(tiny_task_dir, tmp_pat
     # trainer saw 2 processes, the global episode count equals the one-process run's, and the first rollout (same
     # initial policy and reward model, 16 samples each) scores alike within PPO_SCORE_TOL.
     ppo_two, ppo_one = (json.loads((d / "ppo" / "metrics.json").read_text()) for d in (two, one))
-    assert ppo_two["num_processes"] == 2 and ppo_one["num_processes"] == 1
-    assert ppo_two["episodes"] == ppo_one["episodes"] == GLOBAL_ROLLOUT * 3
+    assert ppo_two["run"]["num_processes"] == 2 and ppo_one["run"]["num_processes"] == 1
+    assert ppo_two["run"]["episodes"] == ppo_one["run"]["episodes"] == GLOBAL_ROLLOUT * 3
     first = [next(e for e in m["log_history"] if "objective/scores" in e) for m in (ppo_two, ppo_one)]
     assert abs(first[0]["objective/scores"] - first[1]["objective/scores"]) <= PPO_SCORE_TOL
     assert (two / "ppo" / "adapter_model.safetensors").is_file()
     # the reward stage's adapter was trained on the policy's base: both runs scored it on the policy's own weights
-    assert ppo_two["reward_layout"]["shared_base"] and ppo_one["reward_layout"]["shared_base"]
+    assert ppo_two["run"]["reward_layout"]["shared_base"] and ppo_one["run"]["reward_layout"]["shared_base"]
     assert not (two / "ppo" / "reward").exists()
 
     # only rank 0 wrote: one output dir per stage, nothing left in side directories

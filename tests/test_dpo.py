@@ -15,16 +15,11 @@ from transformers import TrainerCallback
 
 from rlhf_lm.configs import config_from_dict, parse_config
 from rlhf_lm.data import DataReport
+from rlhf_lm.dpo.config import LOSS_TYPES, passes_over_data
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError
 from rlhf_lm.modeling import load_causal_lm, load_tokenizer
 from rlhf_lm.preference_pairs import apply_length_limit, tokenize_pairs
-from rlhf_lm.stages.dpo import (
-    LOSS_TYPES,
-    DPOStageConfig,
-    build_trainer,
-    passes_over_data,
-    run,
-)
+from rlhf_lm.stages.dpo import DPOStageConfig, build_trainer, run
 
 
 def tiny_cfg(task: Path, out: Path, **overrides) -> DPOStageConfig:
@@ -186,7 +181,7 @@ def test_run_writes_the_adapter_metrics_and_samples(tiny_task_dir, tmp_path):
                 "eval/gold_reward/policy", "eval/gold_reward/reference", "eval/num_prompts"):
         assert key in metrics and saved["metrics"][key] == pytest.approx(metrics[key])
     assert saved["data"]["train"]["rows_out"] == 96 and saved["data"]["eval"]["rows_out"] == 32
-    assert saved["config"]["loss_type"] == ["sigmoid", "sft"] and saved["reference"] == "base (adapters off)"
+    assert saved["config"]["loss_type"] == ["sigmoid", "sft"] and saved["run"]["reference"] == "base (adapters off)"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and {"prompt", "policy", "reference", "scores"} <= set(samples[0])
 
@@ -361,8 +356,9 @@ def test_real_multi_turn_dialogues_tokenize_like_trl_and_long_ones_are_counted(h
 def test_on_data_outside_the_task_the_generation_eval_uses_the_held_out_pairs_prompts(tiny_task_dir, tmp_path):
     """Not a task dir, no eval_prompts: the prompts of the held-out pairs that no training pair has (before, the
     generation eval was silently skipped on real data)."""
+    from rlhf_lm.dpo.evaluation import load_eval_prompts
     from rlhf_lm.preference_pairs import load_pairs
-    from rlhf_lm.stages.dpo import load_eval_prompts, run
+    from rlhf_lm.stages.dpo import run
 
     rows = [json.loads(line) for line in (tiny_task_dir / "data" / "pairs_train.jsonl").read_text().splitlines()]
     data = tmp_path / "data" / "pairs.jsonl"  # the same rows, out of the task dir

@@ -28,6 +28,6 @@ def test_builtin_recipe_beats_the_reference_on_held_out_prompts(task_dir, tmp_pa
     assert metrics["eval/implicit_accuracy"] > 0.55
     assert metrics["train/runtime_s"] < 180  # the target is <= 60 s on an idle 2-core machine
     saved = json.loads((tmp_path / "dpo" / "metrics.json").read_text())
-    assert saved["reference"] == "base (adapters off)"  # the recipe trains LoRA: reference = adapters off
+    assert saved["run"]["reference"] == "base (adapters off)"  # the recipe trains LoRA: reference = adapters off
     assert saved["metrics"]["eval/gold_win_rate"] == metrics["eval/gold_win_rate"]
     print({k: round(v, 3) for k, v in metrics.items()})

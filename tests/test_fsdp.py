@@ -117,7 +117,7 @@ def test_the_pipeline_ran_sharded_in_two_processes(runs):
     assert sorted(p.name for p in runs["two"].iterdir()) == ["dpo", "dpo_full", "grpo", "pipeline.json", "ppo",
                                                              "reward", "rloo"]
     for stage in ("ppo", "grpo", "rloo"):
-        assert json.loads((runs["two"] / stage / "metrics.json").read_text())["distributed_type"] == \
+        assert json.loads((runs["two"] / stage / "metrics.json").read_text())["run"]["distributed_type"] == \
             "DistributedType.FSDP", stage
 
 
@@ -142,12 +142,12 @@ def test_online_stages_sample_like_one_process(runs):
     """PPO, GRPO and RLOO ranks sample their own completions, so the runs cannot match sample for sample: what must hold is
     the global episode count and a first rollout (same initial policy and reward model) that scores alike."""
     ppo_two, ppo_one = (json.loads((runs[k] / "ppo" / "metrics.json").read_text()) for k in ("two", "one"))
-    assert ppo_two["num_processes"] == 2 and ppo_two["episodes"] == ppo_one["episodes"] == GLOBAL_ROLLOUT * 3
+    assert ppo_two["run"]["num_processes"] == 2 and ppo_two["run"]["episodes"] == ppo_one["run"]["episodes"] == GLOBAL_ROLLOUT * 3
     first = [next(e for e in m["log_history"] if "objective/scores" in e) for m in (ppo_two, ppo_one)]
     assert abs(first[0]["objective/scores"] - first[1]["objective/scores"]) <= SCORE_TOL
     for stage in ("grpo", "rloo"):
         two, one = (json.loads((runs[k] / stage / "metrics.json").read_text()) for k in ("two", "one"))
-        assert abs(two["reward/first"] - one["reward/first"]) <= SCORE_TOL, stage
+        assert abs(two["metrics"]["reward/first"] - one["metrics"]["reward/first"]) <= SCORE_TOL, stage
         lora_b = [v for k, v in weights(runs["two"] / stage).items() if "lora_B" in k]
         assert lora_b and all(v.abs().sum() > 0 for v in lora_b), stage  # B starts at zero; training moved it
 
@@ -253,7 +253,7 @@ def test_online_stages_match_ddp_sample_for_sample(tiny_task_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
     for stage, loss in (("ppo", "loss/policy"), ("grpo", "loss")):
         fsdp, ddp = (json.loads((tmp_path / k / stage / "metrics.json").read_text()) for k in ("fsdp", "ddp"))
-        assert fsdp["distributed_type"] == "DistributedType.FSDP" and "FSDP" not in ddp["distributed_type"]
+        assert fsdp["run"]["distributed_type"] == "DistributedType.FSDP" and "FSDP" not in ddp["run"]["distributed_type"]
         curves = [[e[loss] for e in m["log_history"] if loss in e] for m in (fsdp, ddp)]
         assert len(curves[0]) == len(curves[1]) == STEPS
         assert max(abs(a - b) for a, b in zip(*curves, strict=True)) <= LOSS_TOL, (stage, curves)

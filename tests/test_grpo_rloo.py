@@ -37,12 +37,12 @@ def run_stage(name: str, argv: list[str]) -> dict:
 def test_stage_trains_the_adapter_and_writes_outputs(name, tiny_task_dir, tmp_path):
     out = tmp_path / name
     metrics = run_stage(name, stage_args(tiny_task_dir, out, steps=2))
-    assert {"train_loss", "reward/first", "reward/last"} <= set(metrics)
+    assert {"train/loss", "reward/first", "reward/last"} <= set(metrics)
     adapter = load_file(out / "adapter_model.safetensors")
     lora_b = {k: v for k, v in adapter.items() if "lora_B" in k}
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values()), "LoRA B starts at zero; training moves it"
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["num_processes"] == 1 and saved["log_history"] and saved["data_report"]["rows_out"] > 0
+    assert saved["run"]["num_processes"] == 1 and saved["log_history"] and saved["data"]["train"]["rows_out"] > 0
     assert (out / "tokenizer.json").is_file() and not (tmp_path / f"{name}.partial").exists()
 
 

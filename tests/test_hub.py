@@ -58,7 +58,7 @@ def run_dir(tmp_path_factory) -> Path:
                                        init_lora_weights=False))
     policy.save_pretrained(run / "dpo")
     tokenizer.save_pretrained(run / "dpo")
-    write_json(run / "dpo" / "metrics.json", {"eval/win_rate": 0.7, "eval/kl": 0.1,
+    write_json(run / "dpo" / "metrics.json", {"metrics": {"eval/win_rate": 0.7, "eval/kl": 0.1},
                                              "config": {"model_name_or_path": str(base_dir)}})
     (run / "dpo" / "checkpoint-4").mkdir()
     (run / "dpo" / "checkpoint-4" / "optimizer.pt").write_bytes(b"state")
@@ -68,7 +68,7 @@ def run_dir(tmp_path_factory) -> Path:
                                        modules_to_save=["score"]))
     reward.save_pretrained(run / "reward")
     tokenizer.save_pretrained(run / "reward")
-    write_json(run / "reward" / "metrics.json", {"eval/accuracy": 0.8, "config": {"model_name_or_path": str(base_dir),
+    write_json(run / "reward" / "metrics.json", {"metrics": {"eval/accuracy": 0.8}, "config": {"model_name_or_path": str(base_dir),
                                                                                   "dataset_name": "Anthropic/hh-rlhf"}})
     (run / "dpo.partial").mkdir()
     (run / "dpo.partial" / "junk.bin").write_bytes(b"x")

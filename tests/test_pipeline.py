@@ -107,7 +107,7 @@ def test_cli_overrides_and_force(tmp_path):
     path.write_text(yaml.safe_dump(recipe(tmp_path / "ignored")))
     assert main(["--config", str(path), "--output_dir", str(run_dir), "--score.tag", "cli", "--seed", "4"]) == 0
     metrics = json.loads((run_dir / "score" / "metrics.json").read_text())
-    assert metrics["score/tag"] == "cli"
+    assert metrics["metrics"]["score/tag"] == "cli"
     assert json.loads((run_dir / "task" / "metrics.json").read_text())["config"]["seed"] == 4
     assert not (tmp_path / "ignored").exists()
     assert main(["--config", str(path), "--output_dir", str(run_dir), "--force", "score"]) == 0

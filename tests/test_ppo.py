@@ -220,8 +220,8 @@ class Events(TrainerCallback):
 
 def test_callbacks_given_to_the_stage_or_added_later_get_the_events_as_in_trl(tiny_task_dir, tmp_path):
     from rlhf_lm.configs import parse_config
-    from rlhf_lm.pipeline import log_history_recorder
     from rlhf_lm.stages import STAGES
+    from rlhf_lm.stages.common import log_history_recorder
 
     # After construction, as transformers' Trainer.add_callback does it; pop_callback takes it out again.
     trainer = make_trainer(tiny_task_dir, tmp_path, max_steps=2, logging_steps=1)
@@ -267,9 +267,9 @@ def test_ppo_stage_writes_adapter_value_head_and_metrics(tiny_task_dir, tmp_path
                  "metrics.json"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_processes"] == 1 and metrics["episodes"] == 16
-    assert "objective/kl" in metrics and metrics["log_history"]
-    assert metrics["data_report"]["rows_out"] > 0
+    assert metrics["run"]["num_processes"] == 1 and metrics["run"]["episodes"] == 16
+    assert "objective/kl" in metrics["metrics"] and metrics["log_history"]
+    assert metrics["data"]["train"]["rows_out"] > 0
     assert not (tmp_path / "ppo.partial").exists()
     assert str(tmp_path) not in json.dumps({k: v for k, v in metrics.items() if k != "config"})
 

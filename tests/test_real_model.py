@@ -288,7 +288,7 @@ def test_reward_model_learns_the_preference_and_reloads_exactly(pipeline_run, re
     train = read_jsonl(data / "pairs_train.jsonl")
     prompts = [p["prompt"] for p in train] * 2
     replies = [p["chosen"] for p in train] + [p["rejected"] for p in train]
-    assert unmerged.raw_scores(prompts, replies).mean().item() == pytest.approx(saved["reward_mean"], abs=1e-5)
+    assert unmerged.raw_scores(prompts, replies).mean().item() == pytest.approx(saved["run"]["reward_mean"], abs=1e-5)
     assert torch.allclose(judge.raw_scores(batch["prompt"], batch["chosen"]),
                           unmerged.raw_scores(batch["prompt"], batch["chosen"]), atol=1e-4)
 
@@ -312,10 +312,10 @@ def test_dpo_learns_the_preference_against_the_base_and_reloads_exactly(pipeline
     out = pipeline_run / "dpo"
     saved = json.loads((out / "metrics.json").read_text())
     trained = saved["metrics"]
-    assert saved["reference"] == "base (adapters off)"
+    assert saved["run"]["reference"] == "base (adapters off)"
     assert saved["data"]["train"]["rows_out"] == len(TRAIN_PAIRS), saved["data"]
 
-    history = json.loads((pipeline_run / "pipeline.json").read_text())["log_history"]["dpo"]
+    history = saved["log_history"]  # the stage keeps its training curves in its metrics.json
     steps = [h for h in history if "loss" in h and "rewards/margins" in h]
     assert len(steps) == 4
     # Step 1: the policy (LoRA B = 0) is its reference, the adapter-free base, so the loss is exactly log 2.
@@ -407,7 +407,7 @@ def test_dpo_trains_on_from_an_sft_adapter_that_stays_the_reference(real_model_d
               output_dir=str(out), learning_rate=5e-4, max_steps=3, per_device_train_batch_size=4,
               per_device_eval_batch_size=8, max_length=128, beta=BETA, cache_tokenized=False, seed=0, **COMMON)
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["reference"] == "sft_adapter"
+    assert saved["run"]["reference"] == "sft_adapter"
 
     # In memory: the base is the checkpoint's, bit for bit; the "ref" copy is the SFT adapter as saved; the trained
     # adapter started from it and moved.
@@ -527,7 +527,7 @@ def test_ppo_on_chat_prompts(pipeline_run, real_model_dir, data, judge, tmp_path
     saved = json.loads((out / "metrics.json").read_text())
     steps = [h for h in saved["log_history"] if "objective/scores" in h]
     evals = [h for h in saved["log_history"] if "eval/scores" in h]
-    assert len(steps) == 2 and len(evals) == 1 and saved["episodes"] == 8
+    assert len(steps) == 2 and len(evals) == 1 and saved["run"]["episodes"] == 8
 
     # The reward model was asked for 2 rollouts of 4 and one eval batch; its scores are the ones PPO logged, each
     # the reward model's score of that chat in its training layout, and every completion ends cleanly at EOS.

@@ -310,11 +310,11 @@ def test_recipe_runs(recipe, start, request):
         assert_lora_trained(out, heads=("score",) if command == "reward" else ())
     if command == "ppo":
         assert load_file(out / "value_head.safetensors")["bias"].abs().sum() > 0  # the bias starts at zero
-        assert saved["episodes"] == 2
+        assert saved["run"]["episodes"] == 2
     if command in ("reward", "dpo"):
         assert not list(out.glob("checkpoint-*")), "the finished artifact keeps no resume state"
     if command == "reward":  # scored its held-out pairs and its training responses
-        assert "reward/accuracy" in saved["metrics"] and saved["reward_std"] > 0
+        assert "reward/accuracy" in saved["metrics"] and saved["run"]["reward_std"] > 0
     if command == "dpo":
         # Reference log-probs are computed once when training visits the data more than once (builtin: 2 epochs).
         assert saved["config"]["precompute_ref_log_probs"] == (values["num_train_epochs"] > 1)
@@ -328,7 +328,7 @@ def test_recipe_runs(recipe, start, request):
         assert not list(out.rglob("events.out.tfevents.*"))
 
     if recipe.startswith("hh_rlhf/"):  # the long dialogue meets max_length: the recipe's length handling counts it
-        data = saved["data"]["train"] if "data" in saved else saved["data_report"]
+        data = saved["data"]["train"]
         if command in ("dpo", "reward"):  # length_mode truncate_prompt: its earliest turns cut, the pair kept
             assert sum(data["truncated"].values()) == 1 and data["rows_out"] == len(TRAIN) + 1, data
 

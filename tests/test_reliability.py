@@ -266,7 +266,7 @@ def test_kill_during_a_checkpoint_save_then_resume_matches_an_uninterrupted_run(
     ("Trainer._save_checkpoint@2", "checkpoint-1"),  # everything written, not yet renamed into place
     ("Trainer.training_step@2", "checkpoint-2"),  # between two saves
     ("rlhf_lm.stages.dpo:evaluate_against_reference", "checkpoint-4"),  # trained and saved, evaluation starting
-    ("rlhf_lm.stages.dpo:write_metrics", "checkpoint-4"),  # evaluated, metrics.json not yet written
+    ("rlhf_lm.stages.dpo:write_stage_metrics", "checkpoint-4"),  # evaluated, metrics.json not yet written
     ("rlhf_lm.artifacts:_finish", "checkpoint-4"),  # about to move the finished output into place
 ])
 def test_kill_at_any_moment_then_resume_matches_an_uninterrupted_run(point, resumes_from, tiny_task_dir, tmp_path,
@@ -314,7 +314,7 @@ def test_an_evaluation_failure_keeps_the_trained_adapter(tiny_task_dir, tmp_path
     assert f"rlhf-lm evaluate --policy_path {out} --output_dir {out}-eval" in err
     assert (out / "adapter_model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     metrics = json.loads((out / METRICS_FILE).read_text())
-    assert metrics["metrics"]["train/steps"] == 2 and "judge crashed" in metrics["evaluation_error"]
+    assert metrics["metrics"]["train/steps"] == 2 and "judge crashed" in metrics["run"]["evaluation_error"]
     weights = load_file(out / "adapter_model.safetensors")
     assert any(("lora_B" in k) and bool(v.abs().sum() > 0) for k, v in weights.items())  # it trained
 

@@ -59,7 +59,7 @@ def test_lora_artifact_holds_adapter_head_tokenizer_and_metrics(lora_rm, tiny_ta
     saved = json.loads((out / METRICS_FILE).read_text())
     for key in EVAL_METRICS + ["reward/gold_accuracy", "reward/train_accuracy"]:
         assert key in saved["metrics"] and key in metrics
-    assert saved["reward_std"] > 0 and "reward_mean" in saved
+    assert saved["run"]["reward_std"] > 0 and "reward_mean" in saved["run"]
     assert saved["data"]["train"]["rows_out"] == 96 and saved["config"]["output_dir"] == str(out)
     assert str(out.parent) not in json.dumps({k: v for k, v in saved.items() if k != "config"})
 
@@ -97,9 +97,9 @@ def test_reload_reproduces_in_memory_scores(lora_rm, tiny_task_dir):
     assert torch.allclose(merged(p, c), unmerged(p, c), atol=1e-5)
     train = load_dataset("json", data_files=str(tiny_task_dir / "data" / "pairs_train.jsonl"), split="train")
     scores = torch.cat([unmerged(train["prompt"], train["chosen"]), unmerged(train["prompt"], train["rejected"])])
-    assert scores.mean().item() == pytest.approx(saved["reward_mean"], abs=1e-5)
+    assert scores.mean().item() == pytest.approx(saved["run"]["reward_mean"], abs=1e-5)
     normalized = load_reward(str(out), normalize=True)(list(train["prompt"]), list(train["chosen"]))
-    assert torch.allclose(normalized, (scores[:len(train)] - saved["reward_mean"]) / saved["reward_std"], atol=1e-5)
+    assert torch.allclose(normalized, (scores[:len(train)] - saved["run"]["reward_mean"]) / saved["run"]["reward_std"], atol=1e-5)
 
 
 def test_cross_tokenizer_reward_scores_text_not_ids(lora_rm, tmp_path, tiny_task_dir):
@@ -323,7 +323,7 @@ def test_real_hh_rlhf_pairs_decoder_and_encoder_backbones(hh_pairs_path, tmp_pat
     assert set(EVAL_METRICS) <= set(metrics) and "reward/gold_accuracy" not in metrics
     assert all(math.isfinite(metrics[k]) for k in EVAL_METRICS)
     saved = json.loads((out / METRICS_FILE).read_text())
-    assert saved["data"]["train"]["rows_in"] == 1800 and saved["reward_std"] > 0
+    assert saved["data"]["train"]["rows_in"] == 1800 and saved["run"]["reward_std"] > 0
     assert load_reward(str(out))(["\n\nHuman: hi\n\nAssistant:"], [" Hello! How can I help?"]).shape == (1,)
 
 
@@ -332,7 +332,7 @@ def test_moved_run_folder_still_finds_its_base(lora_rm, tiny_task_dir, tmp_path,
     import shutil
 
     out, _, _ = lora_rm
-    rel = json.loads((out / METRICS_FILE).read_text())["base_model_relative"]
+    rel = json.loads((out / METRICS_FILE).read_text())["run"]["base_model_relative"]
     moved = tmp_path / "a" / "b" / "reward"
     shutil.copytree(out, moved)
     shutil.copytree(tiny_task_dir / "base_policy", (moved / rel).resolve())

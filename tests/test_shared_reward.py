@@ -224,7 +224,7 @@ def test_a_reward_adapter_without_its_base_fails_before_the_policy_loads(reward_
     config = json.loads((moved / "adapter_config.json").read_text())
     (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/nowhere/base"}))
     metrics = json.loads((moved / "metrics.json").read_text())
-    (moved / "metrics.json").write_text(json.dumps({**metrics, "base_model_relative": None}))
+    (moved / "metrics.json").write_text(json.dumps({**metrics, "run": {**metrics["run"], "base_model_relative": None}}))
     with pytest.raises(ArtifactError, match="Cannot find the base model"):
         resolve_reward(str(moved))
 
@@ -240,7 +240,7 @@ def test_ppo_stage_records_the_layout_and_the_model_card_says_it_was_shared(rewa
               "--use_cpu", "true", "--disable_tqdm", "true", "--lora_r", "4"]
     ppo.main([*common, "--output_dir", str(tmp_path / "shared")])
     ppo.main([*common, "--output_dir", str(tmp_path / "separate"), "--share_reward_base", "false"])
-    layouts = {name: json.loads((tmp_path / name / "metrics.json").read_text())["reward_layout"]
+    layouts = {name: json.loads((tmp_path / name / "metrics.json").read_text())["run"]["reward_layout"]
                for name in ("shared", "separate")}
     assert layouts["shared"]["shared_base"] and len(layouts["shared"]["base_sha256"]) == 64
     assert layouts["separate"] == {"shared_base": False, "reason": "share_reward_base: false"}
@@ -286,7 +286,7 @@ def test_online_stages_share_the_reward_base_and_train_as_with_a_separate_one(na
         argv = {**args, "output_dir": tmp_path / layout, "reward_model": reward}
         module.run(parse_config(module.CONFIG, [part for k, v in argv.items() for part in (f"--{k}", str(v))]))
         runs[layout] = json.loads((tmp_path / layout / "metrics.json").read_text())
-    assert runs["shared"]["reward_layout"]["shared_base"] and not runs["separate"]["reward_layout"]["shared_base"]
+    assert runs["shared"]["run"]["reward_layout"]["shared_base"] and not runs["separate"]["run"]["reward_layout"]["shared_base"]
     steps = {k: [h for h in v["log_history"] if "reward" in h] for k, v in runs.items()}
     assert len(steps["shared"]) == 2
     for a, b in zip(steps["shared"], steps["separate"], strict=True):

@@ -7,7 +7,7 @@ they built, then put its final state into their metrics.json::
     trainer = DPOTrainer(...)
     attach_controller(trainer, controller)
     trainer.train()
-    write_json(out / "metrics.json", {..., **controller_metrics(trainer)})
+    write_stage_metrics(out, "dpo", metrics, config, trainer=trainer)  # rlhf_lm.stages.common: controller_report
 
 See docs/controller.md for the policies (rules, online probe-and-commit, learned) and every key.
 """
@@ -48,14 +48,15 @@ def attach_controller(trainer: Any, callback: Any) -> Any:
     return callback.attach(trainer) if callback is not None else None
 
 
-def controller_metrics(trainer: Any) -> dict[str, Any]:
-    """``{"controller": final state + decision history}`` for a stage's metrics.json, or {} without a controller."""
+def controller_report(trainer: Any) -> dict[str, Any] | None:
+    """The controller's final state and decision history, the ``controller`` entry of a stage's metrics.json; None
+    without a controller."""
     from rlhf_lm.controller.callback import ControllerCallback
     from rlhf_lm.controller.handle import TrainerHandle
 
     callback = TrainerHandle.find_callback(trainer, ControllerCallback)
-    return {"controller": callback.report()} if callback is not None else {}
+    return callback.report() if callback is not None else None
 
 
-__all__ = ["ControllerSpec", "attach_controller", "build_callback", "controller_metrics", "controller_objective",
+__all__ = ["ControllerSpec", "attach_controller", "build_callback", "controller_report", "controller_objective",
            "make_policy"]

@@ -153,8 +153,7 @@ def find_adapter_base(path: Path) -> str:
     """The adapter's base model: as PEFT recorded it (relative to the working directory at training time, or a Hub
     id), else where the reward stage recorded it relative to the artifact, so a moved run folder still loads."""
     recorded = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    metrics = path / METRICS_FILE
-    relative = json.loads(metrics.read_text()).get("base_model_relative") if metrics.is_file() else None
+    relative = _run_record(path).get("base_model_relative")
     candidates = [c for c in (recorded, str(path / relative) if relative else None) if c]
     for candidate in candidates:
         if Path(candidate).is_dir():
@@ -166,8 +165,16 @@ def find_adapter_base(path: Path) -> str:
 
 
 def read_reward_stats(path: Path) -> dict[str, float]:
+    """The reward mean / std over the training responses that the reward stage recorded (none: {})."""
+    run = _run_record(path)
+    return {k: run[k] for k in ("reward_mean", "reward_std") if k in run}
+
+
+def _run_record(path: Path) -> dict:
+    """The ``run`` entry of the reward stage's metrics.json ({} without one). Reward models saved before every stage
+    wrote one schema kept these facts at the top level: they still load."""
     metrics = path / METRICS_FILE
     if not metrics.is_file():
         return {}
     data = json.loads(metrics.read_text())
-    return {k: data[k] for k in ("reward_mean", "reward_std") if k in data}
+    return data["run"] if isinstance(data.get("run"), dict) else data

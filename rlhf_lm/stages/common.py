@@ -7,6 +7,8 @@ A stage module calls these in the order it runs them; nothing here decides what 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -14,11 +16,24 @@ from typing import Any
 
 from accelerate import PartialState
 
-from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, partial_dir, resolve_resume, staged_output, write_json
+from rlhf_lm.artifacts import (
+    METRICS_FILE,
+    check_output_dir,
+    partial_dir,
+    resolve_resume,
+    staged_output,
+    write_json,
+)
 from rlhf_lm.data import DataReport, load_rows, normalize_prompts
-from rlhf_lm.errors import describe
+from rlhf_lm.errors import ConfigError, describe
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.task import task_eval_prompts
+
+
+def require_model(cfg, what: str) -> None:
+    """Fail at once, saying what ``model_name_or_path`` is for (``what``), when a stage's config has none."""
+    if not cfg.model_name_or_path:
+        raise ConfigError(f"Set model_name_or_path: {what}.")
 
 
 def check_output_and_resume(cfg) -> str | None:
@@ -37,12 +52,10 @@ def prepare_online_run(cfg):
     the reward model on the policy's base or beside it (:func:`rlhf_lm.shared_reward.resolve_reward`).
     """
     from rlhf_lm.data import load_prompt_data
-    from rlhf_lm.errors import ConfigError
     from rlhf_lm.modeling import load_tokenizer
     from rlhf_lm.shared_reward import resolve_reward
 
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the policy to start from (e.g. the task's base_policy).")
+    require_model(cfg, "the policy to start from (e.g. the task's base_policy)")
     if not cfg.reward_model:
         raise ConfigError("Set reward_model: 'gold', a reward-stage output dir, 'pkg.mod:Name' or 'file.py:Name'.")
     resume = check_output_and_resume(cfg)
@@ -89,25 +102,62 @@ def train_metrics(result, trainer, trainable: int, steps: bool = False) -> dict[
 
 
 def config_record(cfg) -> dict[str, Any]:
-    """The config as ``metrics.json`` records it: TRL's ``to_dict()`` without ``logging_dir`` (where TensorBoard
-    logs go, not how the model was trained)."""
-    config = cfg.to_dict()
+    """The config as ``metrics.json`` records it, as plain JSON values: TRL's ``to_dict()`` (a plain dataclass's
+    fields for the stages that are not TRL configs) without ``logging_dir`` (where TensorBoard logs go, not how the
+    model was trained)."""
+    config = cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg)
     config.pop("logging_dir", None)
-    return config
+    return json.loads(json.dumps(config, default=str))
 
 
-def write_stage_metrics(stage: Path, metrics: dict[str, float], reports: tuple[DataReport, DataReport],
-                        config: dict[str, Any], error: Exception | None = None, **fields: Any) -> None:
-    """A trained stage's metrics.json, written last: it marks the stage finished (for a pipeline).
+# The top-level keys of every stage's metrics.json, in one schema (docs/architecture.md, "What a stage writes"):
+#   stage        the stage kind that wrote it ("dpo", "ppo", ...);
+#   metrics      the final numbers, namespaced ("train/loss", "eval/kl", "reward/accuracy", "memory/...") - what
+#                run() returns and what the pipeline, the quickstart and the model card read;
+#   data         a DataReport per data source ("train", "eval", "pairs"): rows used, dropped or cut, and why;
+#   run          facts about the run that are not metrics (processes, the reference, the reward model's layout,
+#                its mean / std, the closing evaluation's error, ...);
+#   controller   the controller's final state and decisions (None without a controller);
+#   log_history  the trainer's logs, the training curves ([] for a stage that trains nothing);
+#   config       the config the stage ran with.
+METRICS_SCHEMA = ("stage", "metrics", "data", "run", "controller", "log_history", "config")
 
-    ``metrics`` are the final numbers, ``reports`` say which training / held-out rows were used, dropped or cut,
-    ``error`` is the closing evaluation's failure (the model is saved all the same), and ``fields`` are what the
-    stage adds of its own (the DPO reference, the reward model's mean and std, ...)."""
-    train, held_out = reports
-    write_json(stage / METRICS_FILE, {
-        "metrics": metrics, **fields, **({"evaluation_error": describe(error)} if error is not None else {}),
-        "data": {"train": train.as_dict(), "eval": held_out.as_dict()}, "config": config,
+
+def write_stage_metrics(out: Path, stage: str, metrics: dict[str, Any], config: dict[str, Any], *, trainer=None,
+                        data: dict[str, DataReport] | None = None, run: dict[str, Any] | None = None,
+                        log_history: list[dict[str, Any]] | None = None, error: Exception | None = None) -> None:
+    """A stage's metrics.json (:data:`METRICS_SCHEMA`), written last: it marks the stage finished (for a pipeline).
+
+    ``trainer`` (a stage that trains) gives ``log_history``, the controller's report and, in ``run``, the processes
+    it ran on. ``error`` is the closing evaluation's failure (the model is saved all the same), recorded in ``run``
+    as ``evaluation_error``."""
+    from rlhf_lm.controller import controller_report
+
+    run = dict(run or {})
+    controller = None
+    if trainer is not None:
+        run.update(num_processes=trainer.accelerator.num_processes,
+                   distributed_type=str(trainer.accelerator.distributed_type))
+        controller, log_history = controller_report(trainer), trainer.state.log_history
+    if error is not None:
+        run["evaluation_error"] = describe(error)
+    write_json(out / METRICS_FILE, {
+        "stage": stage, "metrics": metrics, "data": {name: report.as_dict() for name, report in (data or {}).items()},
+        "run": run, "controller": controller, "log_history": list(log_history or []), "config": config,
     })
+
+
+def log_history_recorder(into: list):
+    """A TrainerCallback that copies the trainer's log history (the training curves) into ``into`` at the end: for
+    the pipeline, of a stage that does not save it itself, and for a stage whose trainer is not its own (the task's
+    base-policy pre-training). (transformers is imported when it is built, so importing the pipeline stays light.)"""
+    from transformers import TrainerCallback
+
+    class LogHistoryRecorder(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            into[:] = list(state.log_history)
+
+    return LogHistoryRecorder()
 
 
 def closing_eval_prompts(source: str | None, split: str, column: str, hh_messages: bool, data_path: str | None,

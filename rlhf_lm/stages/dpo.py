@@ -26,12 +26,9 @@ gathered from the shards and the closing evaluation samples on every rank in ste
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trl
 from accelerate import PartialState
@@ -45,101 +42,35 @@ from rlhf_lm.configs import (
     finish_config,
     parse_config,
 )
-from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
-from rlhf_lm.data import DataReport, hh_as_messages
-from rlhf_lm.errors import ConfigError, EvaluationError, describe, suggest
+from rlhf_lm.controller import attach_controller, build_callback
+from rlhf_lm.dpo.config import DPOArguments, check_dpo_args, precompute_by_default
+from rlhf_lm.dpo.evaluation import MODEL_HELP, evaluate_against_reference, evaluate_command, load_judge, reference_kind
+from rlhf_lm.errors import ConfigError, EvaluationError, describe
 from rlhf_lm.fsdp import full_state_dict, is_sharded
-from rlhf_lm.modeling import (
-    count_parameters,
-    load_causal_lm,
-    load_policy_and_reference,
-    load_tokenizer,
-    quantization_kwargs,
-)
-from rlhf_lm.preference_pairs import LENGTH_MODES, load_pairs, prepare_pairs, token_cache_dir
+from rlhf_lm.modeling import count_parameters, load_policy_and_reference, load_tokenizer, quantization_kwargs
+from rlhf_lm.preference_pairs import load_pairs, prepare_pairs, token_cache_dir
 from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.stages.common import (
     check_output_and_resume,
     checkpoints_in,
-    closing_eval_prompts,
     config_record,
+    require_model,
     staging,
     train_metrics,
     write_stage_metrics,
 )
-from rlhf_lm.task import task_eval_prompts, task_root
 from rlhf_lm.trainers import DPOTrainer
 
 logger = logging.getLogger(__name__)
 
-# The loss types of TRL 1.16's DPOTrainer (checked against its DPOConfig help in the tests).
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-
 
 @dataclass
-class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, PairBatching, TrainingDefaults,
+class DPOStageConfig(DPOArguments, ModelArguments, DataArguments, ControllerArguments, PairBatching, TrainingDefaults,
                      trl.DPOConfig):
-    """DPO: model + LoRA, preference data, TRL's DPOConfig (beta, loss_type, max_length, ...) and the final eval."""
+    """DPO: model + LoRA, preference data, TRL's DPOConfig (beta, loss_type, max_length, ...), the reference and the
+    closing evaluation (:class:`rlhf_lm.dpo.config.DPOArguments`)."""
 
     output_dir: str = field(default="runs/dpo", metadata={"help": "Where the DPO policy artifact is written."})
-    learning_rate: float = field(
-        default=5e-6,
-        metadata={"help": "Peak AdamW learning rate. 5e-6 is the alignment-handbook's LoRA DPO value (TRL's 1e-6 "
-                          "is for full fine-tunes)."},
-    )
-    ref_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Reference model for a full fine-tune (use_peft: false). Default: the starting model. "
-                          "With LoRA the reference is the adapter-free model and this is not needed."},
-    )
-    sft_adapter_path: str | None = field(
-        default=None,
-        metadata={"help": "A LoRA adapter (e.g. from SFT) on model_name_or_path to start from. It is trained on, "
-                          "and a frozen copy of it - the SFT policy, not the bare base - is the reference."},
-    )
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Held-out preference pairs in their own file or dataset (e.g. the task's "
-                          "pairs_eval.jsonl). Default: dataset_eval_split, else eval_fraction of the training data."},
-    )
-    precompute_ref_log_probs: bool | None = field(
-        default=None,
-        metadata={"help": "Score the reference once over the data before training instead of at every step. Default: "
-                          "on when training runs over the data more than once (each later epoch then skips the "
-                          "reference forward, a third of a LoRA step's FLOPs), off for a single epoch."},
-    )
-    length_mode: str = field(
-        default="truncate_prompt",
-        metadata={"help": "Pairs longer than max_length: 'truncate_prompt' cuts the prompt from the left (the last "
-                          "turns stay) to leave room for the longer response, dropping only pairs whose response "
-                          "alone fills max_length; 'truncate' cuts the completions (keep_start); 'drop' drops them. "
-                          "Every such pair is counted in metrics.json."},
-    )
-    cache_tokenized: bool = field(
-        default=True,
-        metadata={"help": "Keep tokenized pairs under $HF_DATASETS_CACHE/rlhf_lm, keyed by a hash of the data and the "
-                          "tokenizer, so reruns on the same data skip tokenization."},
-    )
-    eval_prompts: str | None = field(
-        default=None,
-        metadata={"help": "Held-out prompts to sample policy and reference on after training (a prompt file or "
-                          "dataset). Default: the built-in task's prompts_eval.jsonl when the data comes from a task "
-                          "dir, else the prompts of the held-out pairs that no training pair has."},
-    )
-    reward_model: str | None = field(
-        default=None,
-        metadata={"help": "Judge of the policy-vs-reference win-rate: 'gold', a reward-stage dir, 'pkg.mod:Name' or "
-                          "'file.py:Name'. Unset: no reward-judged win-rate (gold still reported on the task)."},
-    )
-    eval_gold: bool | None = field(
-        default=None,
-        metadata={"help": "Report the built-in task's gold reward and gold-judged win-rate (evaluation only). "
-                          "Default: on when the data comes from a `rlhf-lm task` dir."},
-    )
-    eval_num_prompts: int | None = field(default=None, metadata={"help": "Use only the first N eval prompts."})
-    eval_max_new_tokens: int = field(default=48, metadata={"help": "Tokens to sample per eval completion."})
-    eval_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the eval (0 = greedy)."})
 
     def __post_init__(self) -> None:
         check_dpo_args(self)
@@ -147,50 +78,6 @@ class DPOStageConfig(ModelArguments, DataArguments, ControllerArguments, PairBat
 
 
 CONFIG = DPOStageConfig
-
-
-def check_dpo_args(cfg: DPOStageConfig) -> None:
-    """The mistakes TRL would report late, deep in a stack trace, or not at all."""
-    if isinstance(cfg.loss_type, str):
-        cfg.loss_type = [t.strip() for t in cfg.loss_type.split(",") if t.strip()]
-    if cfg.beta <= 0:
-        raise ConfigError(f"beta must be > 0 (it scales the implicit reward; the DPO paper uses 0.1), got {cfg.beta}.")
-    if not cfg.loss_type:
-        raise ConfigError(f"loss_type is empty; choose from {', '.join(LOSS_TYPES)}.")
-    for loss in cfg.loss_type:
-        if loss not in LOSS_TYPES:
-            raise ConfigError(f"Unknown loss_type '{loss}'.{suggest(loss, LOSS_TYPES)} Choose from "
-                              f"{', '.join(LOSS_TYPES)}.")
-    if cfg.loss_weights is not None:
-        if len(cfg.loss_weights) != len(cfg.loss_type):
-            raise ConfigError(f"loss_weights has {len(cfg.loss_weights)} entries for {len(cfg.loss_type)} loss types "
-                              f"{cfg.loss_type}; give one weight per loss type.")
-        if any(w < 0 for w in cfg.loss_weights):
-            raise ConfigError(f"loss_weights must be >= 0, got {cfg.loss_weights}.")
-    if "exo_pair" in cfg.loss_type and cfg.label_smoothing <= 0:
-        raise ConfigError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3).")
-    if "robust" in cfg.loss_type and not 0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError(f"loss_type 'robust' needs label_smoothing in [0, 0.5) (the flip rate), got "
-                          f"{cfg.label_smoothing}.")
-    if cfg.length_mode not in LENGTH_MODES:
-        raise ConfigError(f"length_mode must be one of {', '.join(LENGTH_MODES)}, got '{cfg.length_mode}'.")
-    if cfg.max_length is not None and cfg.max_length < 2:
-        raise ConfigError(f"max_length must be at least 2 tokens (or null for no limit), got {cfg.max_length}.")
-    if cfg.sft_adapter_path and not cfg.use_peft:
-        raise ConfigError("sft_adapter_path needs use_peft: true (the SFT adapter is what DPO trains on).")
-    if cfg.sft_adapter_path and cfg.ref_model_name_or_path:
-        raise ConfigError("Set either sft_adapter_path (reference = the SFT adapter) or ref_model_name_or_path, "
-                          "not both.")
-    if cfg.sync_ref_model and cfg.use_peft:
-        raise ConfigError("sync_ref_model (TR-DPO) needs a separate reference model: set use_peft: false.")
-    if cfg.eval_num_prompts is not None and cfg.eval_num_prompts <= 0:
-        raise ConfigError(f"eval_num_prompts must be positive, got {cfg.eval_num_prompts}.")
-    if not cfg.use_peft and cfg.dtype in ("bfloat16", "float16") and not (cfg.deepspeed or cfg.fsdp):
-        # AdamW then updates bf16 weights in place: at a full fine-tune's learning rates (~5e-7) most updates are
-        # below bf16's resolution and round away (measured: 99.7% of the elements of SmolLM2 unchanged by a step).
-        logger.warning("A full fine-tune with dtype: %s and no DeepSpeed/FSDP keeps no float32 master weights, so "
-                       "small updates round away. Load float32 weights (dtype: float32) with bf16: true for mixed "
-                       "precision, or launch with a DeepSpeed/FSDP config.", cfg.dtype)
 
 
 def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
@@ -228,7 +115,8 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             eval_error = e
             logger.debug("The closing evaluation failed.", exc_info=True)
         if state.is_main_process:
-            write_metrics(cfg, stage, metrics, report, eval_report, eval_error, controller_metrics(trainer))
+            write_stage_metrics(stage, "dpo", metrics, config_record(cfg), trainer=trainer, error=eval_error,
+                                data={"train": report, "eval": eval_report}, run={"reference": reference_kind(cfg)})
         state.wait_for_everyone()
     if eval_error is not None:
         raise EvaluationError(f"The DPO policy was trained and saved to {cfg.output_dir}, but the closing evaluation "
@@ -237,42 +125,9 @@ def run(cfg: DPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
     return metrics
 
 
-def load_judge(cfg: DPOStageConfig) -> tuple[Any, list[Any] | None]:
-    """(reward model, held-out prompts): the reward model that judges the win-rate, resolved and called once on the
-    held-out prompts before training; (None, None) without one (the prompts are then loaded for the evaluation)."""
-    if not cfg.reward_model:
-        return None, None
-    from rlhf_lm.rewards import load_reward, probe_reward
-
-    reward = load_reward(cfg.reward_model)
-    require_model(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
-                               trust_remote_code=cfg.trust_remote_code, require_eos=True)  # decides hh_format: auto
-    prompts = load_eval_prompts(cfg, tokenizer)
-    if not prompts:
-        logger.warning("reward_model %s is set, but there are no held-out prompts to judge the policy on (set "
-                       "eval_prompts): it will not be used.", cfg.reward_model)
-        return None, prompts
-    probe_reward(reward, prompts, name=cfg.reward_model)
-    return reward, prompts
-
-
-def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
-    """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
-    held-out pairs that no training pair has."""
-    from rlhf_lm.data import unseen_prompts
-
-    def unseen_held_out_prompts() -> list[Any]:
-        train, held_out, _, _ = load_pairs(cfg, tokenizer)
-        return unseen_prompts(held_out, train)
-
-    return closing_eval_prompts(cfg.eval_prompts, "train", cfg.prompt_column, hh_as_messages(cfg, tokenizer),
-                                cfg.dataset_name, unseen_held_out_prompts, cfg.eval_num_prompts)[0]
-
-
 def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
     """Load data and model and build the DPOTrainer; returns ``(trainer, tokenizer, (train_report, eval_report))``."""
-    require_model(cfg)
+    require_model(cfg, MODEL_HELP)
     quantization_kwargs(cfg)  # a QLoRA run that cannot work here fails now, not after loading and tokenizing data
     tokenizer = load_tokenizer(cfg.tokenizer_name_or_path or cfg.model_name_or_path, padding_side="right",
                                trust_remote_code=cfg.trust_remote_code, require_eos=True)
@@ -288,7 +143,7 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
         raise ConfigError(f"eval_strategy={cfg.eval_strategy} needs held-out pairs; there are none.")
 
     if cfg.precompute_ref_log_probs is None:
-        cfg.precompute_ref_log_probs = passes_over_data(cfg, len(train_tok)) > 1 and not cfg.sync_ref_model
+        cfg.precompute_ref_log_probs = precompute_by_default(cfg, len(train_tok))
     policy, ref_model, peft_config = load_policy_and_reference(cfg)
     callbacks = list(callbacks or [])
     controller = build_callback(cfg.controller, stage="dpo")  # a bad controller: section fails here
@@ -297,19 +152,6 @@ def build_trainer(cfg: DPOStageConfig, callbacks: list | None = None):
     attach_controller(trainer, controller)
     show_progress(trainer, "dpo")
     return trainer, tokenizer, (report, eval_report)
-
-
-def require_model(cfg: DPOStageConfig) -> None:
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the policy to fine-tune (a causal LM directory or Hub id).")
-
-
-def passes_over_data(cfg: DPOStageConfig, num_pairs: int) -> float:
-    """How many times training visits each pair: num_train_epochs, or what max_steps amounts to."""
-    if cfg.max_steps <= 0:
-        return float(cfg.num_train_epochs)
-    pairs_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * PartialState().num_processes
-    return cfg.max_steps / math.ceil(num_pairs / pairs_per_step)
 
 
 def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
@@ -326,61 +168,6 @@ def save_artifact(cfg: DPOStageConfig, trainer, tokenizer, stage: Path) -> None:
     else:
         trainer.save_model(str(stage))
     tokenizer.save_pretrained(stage)
-
-
-def evaluate_against_reference(cfg: DPOStageConfig, trainer, tokenizer, stage: Path, prompts: list[Any] | None = None,
-                               reward=None) -> dict[str, float]:
-    """Sample the policy and its reference on held-out prompts (win-rate, reward, KL, gold) into samples.jsonl."""
-    from rlhf_lm.evaluation import evaluate_policy
-
-    prompts = load_eval_prompts(cfg, tokenizer) if prompts is None else prompts
-    if not prompts:
-        return {}
-    policy = trainer.accelerator.unwrap_model(trainer.model)
-    reference = None
-    if not cfg.use_peft:  # a full fine-tune needs its reference model back (it may have been freed or never loaded)
-        reference = trainer.ref_model or load_causal_lm(cfg.ref_model_name_or_path or cfg.model_name_or_path,
-                                                         dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                                         allow_pickle_weights=cfg.allow_pickle_weights)
-        reference = trainer.accelerator.unwrap_model(reference)
-        if not is_sharded(reference):  # TRL shards a reference it keeps under FSDP: it stays where it is
-            reference = reference.to(trainer.args.device)
-    gold = cfg.eval_gold if cfg.eval_gold is not None else task_root(cfg.dataset_name) is not None
-    metrics = evaluate_policy(policy, tokenizer, prompts, reward, reference=reference, gold=gold,
-                              samples_path=stage / "samples.jsonl" if trainer.accelerator.is_main_process else None,
-                              max_new_tokens=cfg.eval_max_new_tokens,
-                              temperature=cfg.eval_temperature, seed=cfg.seed,
-                              batch_size=max(cfg.per_device_eval_batch_size, 64))
-    logger.info("DPO policy vs reference: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return metrics
-
-
-def write_metrics(cfg: DPOStageConfig, stage: Path, metrics: dict[str, float], report: DataReport,
-                  eval_report: DataReport, eval_error: Exception | None = None,
-                  controller: dict[str, Any] | None = None) -> None:
-    """metrics.json, written last: it marks the stage finished (for a pipeline), with the evaluation's failure if any."""
-    reference = ("sft_adapter" if cfg.sft_adapter_path else "base (adapters off)" if cfg.use_peft
-                 else "ref_model")
-    write_stage_metrics(stage, metrics, (report, eval_report), json.loads(json.dumps(config_record(cfg), default=str)),
-                        eval_error, reference=reference, **(controller or {}))
-
-
-def evaluate_command(cfg: DPOStageConfig) -> str:
-    """The `rlhf-lm evaluate` command that re-runs this stage's closing evaluation on its saved output."""
-    parts = ["rlhf-lm evaluate", f"--policy_path {cfg.output_dir}", f"--output_dir {cfg.output_dir}-eval"]
-    prompts = cfg.eval_prompts or task_eval_prompts(cfg.dataset_name)
-    if prompts:
-        parts.append(f"--prompts {prompts}")
-    if cfg.reward_model:
-        parts.append(f"--reward_model {cfg.reward_model}")
-    if cfg.eval_dataset_name:
-        parts.append(f"--pairs {cfg.eval_dataset_name} --beta {cfg.beta}")
-    if cfg.eval_num_prompts:
-        parts.append(f"--num_prompts {cfg.eval_num_prompts}")
-    if cfg.eval_gold is not None:
-        parts.append(f"--gold {str(cfg.eval_gold).lower()}")
-    parts.append(f"--max_new_tokens {cfg.eval_max_new_tokens} --temperature {cfg.eval_temperature} --seed {cfg.seed}")
-    return " ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,16 +15,14 @@ is given) and ``samples.jsonl`` to ``output_dir``.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
-from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, read_json, staged_output, write_json
+from rlhf_lm.artifacts import check_output_dir, staged_output
 from rlhf_lm.configs import check_batch_sizes, overwrite_output_dir_field, parse_config
 from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.saved_policy import load_models, prompts_held_out_in_training, trained_or_auto, training_config
 
 logger = logging.getLogger(__name__)
 
@@ -90,87 +88,10 @@ class EvaluateStageConfig:
 CONFIG = EvaluateStageConfig
 
 
-def _is_adapter(path: str | None) -> bool:
-    return bool(path) and (Path(path) / "adapter_config.json").is_file()
-
-
-def _training_config(policy_path: str) -> dict:
-    """The config the policy was trained with, from its metrics.json (empty when there is none)."""
-    metrics = Path(policy_path) / METRICS_FILE
-    return read_json(metrics).get("config", {}) if metrics.is_file() else {}
-
-
-def trained_or_auto(trained: dict) -> SimpleNamespace:
-    """The training run's hh_format (auto when it did not record one), for hh_as_messages."""
-    return SimpleNamespace(hh_format=trained.get("hh_format", "auto"))
-
-
-def _prompts_held_out_in_training(cfg: EvaluateStageConfig, trained: dict, tokenizer) -> list:
-    """The policy's own held-out prompts (its dataset's eval split or eval_fraction share), none a training prompt."""
-    from rlhf_lm.configs import DataArguments
-    from rlhf_lm.data import held_out_prompts
-
-    if not trained.get("dataset_name"):
-        raise ConfigError(f"Set prompts: {cfg.policy_path} records no training dataset to take held-out prompts "
-                          "from.")
-    fields = {f.name: trained[f.name] for f in dataclasses.fields(DataArguments) if f.name in trained}
-    # A prompt stage (ppo, grpo, rloo) records no data_format (it has no such key); older runs recorded prompt_only.
-    fields.setdefault("data_format", "prompt_only")
-    prompts = held_out_prompts(SimpleNamespace(**{**asdict(DataArguments()), **fields}), trained.get("seed", 0),
-                               tokenizer)
-    if not prompts:
-        raise ConfigError(f"{cfg.policy_path} was trained without held-out data (no dataset_eval_split, "
-                          "eval_fraction 0): set prompts to the held-out prompts to judge it on.")
-    return prompts
-
-
-def load_models(cfg: EvaluateStageConfig):
-    """(policy, reference or None, tokenizer). An adapter reference is loaded as the policy's "ref" adapter."""
-    import torch
-
-    from rlhf_lm.evaluation import REF_ADAPTER
-    from rlhf_lm.modeling import load_causal_lm, load_tokenizer
-
-    if not cfg.policy_path:
-        raise ConfigError("Set policy_path: the output dir of a dpo / ppo / grpo stage (or any model dir).")
-    if not Path(cfg.policy_path).is_dir():
-        raise ArtifactError(f"policy_path {cfg.policy_path} does not exist.")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    kwargs = dict(dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                  allow_pickle_weights=cfg.allow_pickle_weights)
-    tokenizer = load_tokenizer(cfg.policy_path, trust_remote_code=cfg.trust_remote_code)
-    if _is_adapter(cfg.policy_path):
-        from peft import PeftModel
-
-        base = cfg.model_name_or_path or json.loads((Path(cfg.policy_path) / "adapter_config.json").read_text()).get(
-            "base_model_name_or_path")
-        if not base:
-            raise ConfigError(f"{cfg.policy_path} is an adapter with no recorded base model; set model_name_or_path.")
-        policy = PeftModel.from_pretrained(load_causal_lm(base, **kwargs), cfg.policy_path)
-        if _is_adapter(cfg.reference_path):
-            policy.load_adapter(cfg.reference_path, adapter_name=REF_ADAPTER)
-            policy.set_adapter("default")
-            return policy.to(device).eval(), None, tokenizer
-    else:
-        policy = load_causal_lm(cfg.policy_path, **kwargs)
-    reference_path = cfg.reference_path
-    if reference_path is None and not _is_adapter(cfg.policy_path):
-        trained = _training_config(cfg.policy_path)  # a full fine-tune's reference is the model it started from
-        reference_path = (cfg.model_name_or_path or trained.get("ref_model_name_or_path")
-                          or trained.get("model_name_or_path"))
-        if reference_path is None:
-            raise ConfigError(f"{cfg.policy_path} is a full model: set reference_path (or model_name_or_path) to the "
-                              "model it was fine-tuned from.")
-    if reference_path is not None and _is_adapter(reference_path):
-        raise ConfigError("An adapter reference_path needs an adapter policy on the same base.")
-    reference = load_causal_lm(reference_path, **kwargs).to(device).eval() if reference_path else None
-    return policy.to(device).eval(), reference, tokenizer
-
-
 def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, float]:  # trains nothing: no events
     from rlhf_lm.data import hh_as_messages
     from rlhf_lm.evaluation import evaluate_policy
-    from rlhf_lm.stages.common import closing_eval_prompts
+    from rlhf_lm.stages.common import closing_eval_prompts, config_record, write_stage_metrics
     from rlhf_lm.task import task_root
 
     if not cfg.policy_path:
@@ -179,10 +100,10 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
         raise ArtifactError(f"policy_path {cfg.policy_path} does not exist.")
     check_output_dir(cfg.output_dir, overwrite=cfg.overwrite_output_dir)
     policy, reference, tokenizer = load_models(cfg)
-    trained = _training_config(cfg.policy_path)
+    trained = training_config(cfg.policy_path)
     prompts, prompts_source = closing_eval_prompts(
         cfg.prompts, cfg.prompts_split, cfg.prompt_column, hh_as_messages(trained_or_auto(trained), tokenizer),
-        trained.get("dataset_name"), lambda: _prompts_held_out_in_training(cfg, trained, tokenizer), cfg.num_prompts)
+        trained.get("dataset_name"), lambda: prompts_held_out_in_training(cfg, trained, tokenizer), cfg.num_prompts)
     reward = None
     if cfg.reward_model:
         from rlhf_lm.rewards import load_reward, probe_reward
@@ -197,22 +118,23 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
                                   temperature=cfg.temperature, seed=cfg.seed, batch_size=cfg.batch_size)
         data = {}
         if cfg.pairs:
-            metrics.update(_pair_metrics(cfg, policy, reference, tokenizer, data))
-        write_json(out / METRICS_FILE, {"metrics": metrics, "data": data, "config": asdict(cfg)})
+            pair_metrics, data["pairs"] = _pair_metrics(cfg, policy, reference, tokenizer)
+            metrics.update(pair_metrics)
+        write_stage_metrics(out, "evaluate", metrics, config_record(cfg), data=data)
     logger.info("Evaluation: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics
 
 
-def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer, data: dict) -> dict[str, float]:
+def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer):
+    """DPO's implicit-reward accuracy and margin on the held-out ``pairs``, and the report of the pairs used."""
     from rlhf_lm.data import load_rows, normalize_preferences
     from rlhf_lm.evaluation import implicit_reward_accuracy
     from rlhf_lm.preference_pairs import apply_length_limit, tokenize_pairs
 
     pairs, report = normalize_preferences(load_rows(cfg.pairs, cfg.pairs_split))
     tokenized = apply_length_limit(tokenize_pairs(pairs, tokenizer), cfg.max_length, "drop", report)
-    data["pairs"] = report.as_dict()
     return implicit_reward_accuracy(policy, tokenizer, tokenized, cfg.beta, reference=reference,
-                                    batch_size=cfg.batch_size)
+                                    batch_size=cfg.batch_size), report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ and a reward-stage LoRA reward model trained on that base as a second adapter on
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m rlhf_lm ppo --config ...
 
 Writes to ``output_dir``: the LoRA adapter (``adapter_model.safetensors``), the value head, the tokenizer and
-``metrics.json`` (final metrics, data report, config, log history). Interrupted runs resume with
+``metrics.json`` (final metrics, data report, episodes, reward layout, log history, config). Interrupted runs resume with
 ``--resume_from_checkpoint true`` (the newest complete checkpoint of ``<output_dir>.partial``) or a checkpoint path.
 
 Engines (docs/distributed.md): one process, DDP and FSDP2 - under FSDP2 the loop shards policy and value head itself
@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
+from rlhf_lm.artifacts import staged_output
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -32,12 +32,12 @@ from rlhf_lm.configs import (
     finish_config,
     parse_config,
 )
-from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
+from rlhf_lm.controller import attach_controller, build_callback
 from rlhf_lm.errors import ConfigError
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.progress import show_progress, stage_summary
-from rlhf_lm.stages.common import checkpoints_in, prepare_online_run
+from rlhf_lm.stages.common import checkpoints_in, config_record, prepare_online_run, write_stage_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -88,25 +88,16 @@ def run(cfg: PPOStageConfig, callbacks: list | None = None) -> dict[str, float]:
             show_progress(trainer, "ppo")
             logger.info(trainer.data_report.summary())
             start = time.perf_counter()
-            final = trainer.train(resume_from_checkpoint=resume)
-            final["train_runtime"] = time.perf_counter() - start
+            final = trainer.train(resume_from_checkpoint=resume)  # the last logged step's metrics
+            metrics = {**final, "train/runtime_s": time.perf_counter() - start}
             trainer.save_model(out)
-            memory = state_bytes_per_rank(trainer.unwrapped, trainer.optimizer)
+            metrics.update(state_bytes_per_rank(trainer.unwrapped, trainer.optimizer))
         if trainer.accelerator.is_main_process:
-            write_json(out / METRICS_FILE, {
-                **final,
-                "num_processes": trainer.accelerator.num_processes,
-                "distributed_type": str(trainer.accelerator.distributed_type),
-                **memory,
-                "episodes": trainer.counters["episodes"],
-                "missing_eos": trainer.counters["missing_eos"],
-                "data_report": trainer.data_report.as_dict(),
-                "reward_layout": reward_layout,
-                "log_history": trainer.state.log_history,
-                "config": cfg.to_dict(),
-                **controller_metrics(trainer),
-            })
-    return final
+            write_stage_metrics(out, "ppo", metrics, config_record(cfg), trainer=trainer,
+                                data={"train": trainer.data_report},
+                                run={"episodes": trainer.counters["episodes"],
+                                     "missing_eos": trainer.counters["missing_eos"], "reward_layout": reward_layout})
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:

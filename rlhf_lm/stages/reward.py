@@ -9,7 +9,8 @@ loaded as a one-label sequence classifier, so a policy checkpoint gets a fresh `
 
 The output directory holds the adapter (or the full / merged model), the tokenizer, and ``metrics.json``: eval
 metrics (accuracy, margin, ECE, length bias; gold accuracy on the built-in task), the reward mean/std over the
-training responses (``reward_mean`` / ``reward_std``, for normalising downstream), the data report and the config.
+training responses (``reward_mean`` / ``reward_std`` in its ``run`` entry, for normalising downstream), the data
+report and the config.
 ``rlhf_lm.rewards.ClassifierReward.from_pretrained(output_dir)`` loads it back as a RewardModel.
 
 Engines (docs/distributed.md): one process, DDP and FSDP2 - under FSDP2 every rank gathers the adapter with its
@@ -21,12 +22,8 @@ refused under FSDP.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import torch
 from trl import RewardConfig
 
 from rlhf_lm.configs import (
@@ -38,11 +35,10 @@ from rlhf_lm.configs import (
     finish_config,
     parse_config,
 )
-from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
+from rlhf_lm.controller import attach_controller, build_callback
 from rlhf_lm.data import DataReport, load_preference_data
-from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
-from rlhf_lm.evaluation import evaluate_pairs
-from rlhf_lm.fsdp import fsdp_requested, full_state_dict, is_sharded
+from rlhf_lm.errors import ConfigError, DataError, EvaluationError, describe
+from rlhf_lm.fsdp import fsdp_requested, is_sharded
 from rlhf_lm.modeling import (
     check_length_room,
     classifier_head_name,
@@ -51,19 +47,20 @@ from rlhf_lm.modeling import (
     load_sequence_classifier,
     lora_config_from_args,
     quantization_kwargs,
+    readable_max_length,
 )
 from rlhf_lm.progress import show_progress, stage_summary
-from rlhf_lm.rewards import ClassifierReward
+from rlhf_lm.reward_artifact import base_model_relative, measure, save_reward_model
 from rlhf_lm.rewards.layout import fit_pairs_to_length
 from rlhf_lm.stages.common import (
     check_output_and_resume,
     checkpoints_in,
     config_record,
+    require_model,
     staging,
     train_metrics,
     write_stage_metrics,
 )
-from rlhf_lm.task import task_root
 from rlhf_lm.trainers import RewardTrainer
 
 logger = logging.getLogger(__name__)
@@ -116,8 +113,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
     from transformers import set_seed
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    if not cfg.model_name_or_path:
-        raise ConfigError("Set model_name_or_path: the reward backbone (a causal LM / encoder directory or Hub id).")
+    require_model(cfg, "the reward backbone (a causal LM / encoder directory or Hub id)")
     state = PartialState()
     if cfg.merge_adapter and fsdp_requested():
         raise ConfigError("merge_adapter: true is not supported under FSDP: a sharded model cannot be merged in "
@@ -133,12 +129,7 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
                                          **quantization_kwargs(cfg))
     head = classifier_head_name(model)
 
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if cfg.max_length is None or (limit and cfg.max_length > limit):
-        logger.info("max_length=%s exceeds what %s can read; using its max_position_embeddings=%s.",
-                    cfg.max_length, cfg.model_name_or_path, limit)
-        cfg.max_length = limit
-        check_length_room(cfg.max_length, tokenizer)
+    cfg.max_length = readable_max_length(cfg.max_length, model, tokenizer, cfg.model_name_or_path)
 
     # RewardTrainer silently drops pairs over max_length: fit them here (long prompts keep their last turns), every
     # cut or dropped pair counted, measured in the exact tokens RewardTrainer will see.
@@ -180,14 +171,15 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
         if state.is_main_process or sharded:
             save_reward_model(cfg, trainer, tokenizer, head, stage, peft_config is not None)
             try:
-                extra = measure(cfg, trainer, tokenizer, train, eval_ds)
-                metrics.update(extra.pop("metrics"))
+                measured = measure(cfg, trainer, tokenizer, train, eval_ds)
+                metrics.update(measured.pop("metrics"))
             except Exception as e:  # the trained model is saved: keep it, report the failure after
-                measure_error, extra = e, {}
+                measure_error, measured = e, {}
                 logger.debug("Measuring the reward model failed.", exc_info=True)
-        if state.is_main_process:
-            write_metrics(cfg, trainer, stage, metrics, extra, report, eval_report, peft_config is not None,
-                          measure_error)
+        if state.is_main_process:  # measured: the reward mean / std, which ClassifierReward normalises with
+            write_stage_metrics(stage, "reward", metrics, config_record(cfg), trainer=trainer, error=measure_error,
+                                data={"train": report, "eval": eval_report},
+                                run={**measured, "base_model_relative": base_model_relative(cfg, bool(peft_config))})
         state.wait_for_everyone()
     if measure_error is not None:
         raise EvaluationError(f"The reward model was trained and saved to {cfg.output_dir}, but measuring it failed: "
@@ -195,62 +187,6 @@ def run(cfg: RewardStageConfig, callbacks: list | None = None) -> dict[str, floa
                               "reward_mean / reward_std; fix the cause and re-run the stage with "
                               "--overwrite_output_dir true.") from measure_error
     return metrics
-
-
-def save_reward_model(cfg, trainer, tokenizer, head: str, stage: Path, is_peft: bool) -> None:
-    """The trained reward model (adapter with its head, or the merged / full model) and tokenizer, first of all.
-    Called by every rank when the model is sharded (gathering it is collective); only the main process writes."""
-    model = trainer.model
-    if is_sharded(model):
-        state_dict = full_state_dict(model)
-        if not trainer.accelerator.is_main_process:
-            return
-        model.save_pretrained(stage, state_dict=state_dict, safe_serialization=True)
-    else:
-        if is_peft and cfg.merge_adapter:
-            model = model.merge_and_unload()
-            trainer.model = model
-        model.save_pretrained(stage, safe_serialization=True)
-    tokenizer.save_pretrained(stage)
-    if is_peft and not cfg.merge_adapter:
-        _check_head_saved(stage, head)
-
-
-def _check_head_saved(directory: Path, head: str) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(directory / "adapter_model.safetensors"), "pt") as f:
-        if not any(f".{head}." in key for key in f.keys()):
-            raise ArtifactError(f"The saved adapter in {directory} lacks the `{head}` head; the reward model would "
-                                "reload with a random head. Keep it in lora_modules_to_save.")
-
-
-def measure(cfg, trainer, tokenizer, train, eval_ds) -> dict[str, Any]:
-    """Eval metrics and the reward mean / std over the training responses (for normalising downstream)."""
-    reward = ClassifierReward(trainer.model, tokenizer, batch_size=max(cfg.per_device_eval_batch_size, 32),
-                              device=trainer.args.device)
-    gold = cfg.gold_metrics if cfg.gold_metrics is not None else task_root(cfg.dataset_name) is not None
-    train_scores = torch.cat([reward.raw_scores(train["prompt"], train["chosen"]),
-                              reward.raw_scores(train["prompt"], train["rejected"])])
-    n = len(train)
-    metrics = {"reward/train_accuracy": (train_scores[:n] > train_scores[n:]).float().mean().item()}
-    if eval_ds is not None:
-        metrics.update(evaluate_pairs(reward, eval_ds, gold=gold))
-    logger.info("Reward model: %s", ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return {"metrics": metrics, "reward_mean": train_scores.mean().item(),
-            "reward_std": train_scores.std(unbiased=False).item()}
-
-
-def write_metrics(cfg, trainer, stage: Path, metrics: dict[str, float], extra: dict[str, Any], report: DataReport,
-                  eval_report: DataReport, is_peft: bool, error: Exception | None = None) -> None:
-    """metrics.json, written last: it marks the stage finished (for a pipeline)."""
-    base = Path(cfg.model_name_or_path)
-    # Where the base is relative to the artifact, so the pair of folders can move together (see ClassifierReward).
-    relative = os.path.relpath(base.resolve(), Path(cfg.output_dir).resolve()) if is_peft and base.is_dir() else None
-    write_stage_metrics(stage, metrics, (report, eval_report), config_record(cfg), error, **extra,
-                        base_model_relative=relative,
-                        log_history=trainer.state.log_history,  # training curves for plots (rlhf_lm.plotting)
-                        **controller_metrics(trainer))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, read_json, staged_output, write_json
+from rlhf_lm.artifacts import read_json, staged_output
 from rlhf_lm.configs import overwrite_output_dir_field, parse_config
+from rlhf_lm.stages.common import config_record, log_history_recorder, write_stage_metrics
 from rlhf_lm.task import TaskConfig, build_task
 
 
@@ -29,15 +29,16 @@ CONFIG = TaskStageConfig
 def run(cfg: TaskStageConfig, callbacks: list | None = None) -> dict[str, float]:
     """Build the task (``callbacks`` see the base policy's pre-training); metrics.json, written last, marks it done."""
     task_fields = {k: getattr(cfg, k) for k in TaskConfig.__dataclass_fields__}
+    history: list = []  # the base policy's pre-training curves
     with staged_output(cfg.output_dir, stage="task", overwrite=cfg.overwrite_output_dir) as out:
         build_task(out, TaskConfig(**task_fields), arch=cfg.arch, pretrain_epochs=cfg.pretrain_epochs,
                    hidden_size=cfg.hidden_size, intermediate_size=2 * cfg.hidden_size,
-                   num_hidden_layers=cfg.num_hidden_layers, callbacks=callbacks)
+                   num_hidden_layers=cfg.num_hidden_layers, callbacks=[*(callbacks or []), log_history_recorder(history)])
         meta = read_json(out / "task.json")
         metrics = {"task/label_agreement": meta["label_agreement"],
                    "task/num_train_prompts": float(meta["num_train_prompts"]),
                    "task/num_eval_prompts": float(meta["num_eval_prompts"])}
-        write_json(out / METRICS_FILE, {**metrics, "config": dataclasses.asdict(cfg)})
+        write_stage_metrics(out, "task", metrics, config_record(cfg), log_history=history)
     return metrics
 
 
