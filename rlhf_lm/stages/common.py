@@ -15,7 +15,9 @@ from typing import Any
 from accelerate import PartialState
 
 from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, partial_dir, resolve_resume, staged_output, write_json
-from rlhf_lm.data import DataReport, load_rows, normalize_prompts
+from rlhf_lm.data.prompts import normalize_prompts
+from rlhf_lm.data.readers import load_rows
+from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import describe
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.task import task_eval_prompts
@@ -36,7 +38,7 @@ def prepare_online_run(cfg):
     Returns ``(resume, place_reward, tokenizer, train, eval_ds, report)``; ``place_reward(policy, tokenizer)`` puts
     the reward model on the policy's base or beside it (:func:`rlhf_lm.shared_reward.resolve_reward`).
     """
-    from rlhf_lm.data import load_prompt_data
+    from rlhf_lm.data.loading import load_prompt_data
     from rlhf_lm.errors import ConfigError
     from rlhf_lm.modeling import load_tokenizer
     from rlhf_lm.shared_reward import resolve_reward

@@ -46,7 +46,8 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
-from rlhf_lm.data import DataReport, hh_as_messages
+from rlhf_lm.data.loading import hh_as_messages
+from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import ConfigError, EvaluationError, describe, suggest
 from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.modeling import (
@@ -260,7 +261,7 @@ def load_judge(cfg: DPOStageConfig) -> tuple[Any, list[Any] | None]:
 def load_eval_prompts(cfg: DPOStageConfig, tokenizer=None) -> list[Any]:
     """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
     held-out pairs that no training pair has."""
-    from rlhf_lm.data import unseen_prompts
+    from rlhf_lm.data.loading import unseen_prompts
 
     def unseen_held_out_prompts() -> list[Any]:
         train, held_out, _, _ = load_pairs(cfg, tokenizer)

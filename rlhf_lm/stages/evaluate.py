@@ -108,7 +108,7 @@ def trained_or_auto(trained: dict) -> SimpleNamespace:
 def _prompts_held_out_in_training(cfg: EvaluateStageConfig, trained: dict, tokenizer) -> list:
     """The policy's own held-out prompts (its dataset's eval split or eval_fraction share), none a training prompt."""
     from rlhf_lm.configs import DataArguments
-    from rlhf_lm.data import held_out_prompts
+    from rlhf_lm.data.loading import held_out_prompts
 
     if not trained.get("dataset_name"):
         raise ConfigError(f"Set prompts: {cfg.policy_path} records no training dataset to take held-out prompts "
@@ -168,7 +168,7 @@ def load_models(cfg: EvaluateStageConfig):
 
 
 def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, float]:  # trains nothing: no events
-    from rlhf_lm.data import hh_as_messages
+    from rlhf_lm.data.loading import hh_as_messages
     from rlhf_lm.evaluation import evaluate_policy
     from rlhf_lm.stages.common import closing_eval_prompts
     from rlhf_lm.task import task_root
@@ -204,7 +204,8 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
 
 
 def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer, data: dict) -> dict[str, float]:
-    from rlhf_lm.data import load_rows, normalize_preferences
+    from rlhf_lm.data.formats import normalize_preferences
+    from rlhf_lm.data.readers import load_rows
     from rlhf_lm.evaluation import implicit_reward_accuracy
     from rlhf_lm.preference_pairs import apply_length_limit, tokenize_pairs
 

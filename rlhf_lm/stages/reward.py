@@ -39,7 +39,8 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
-from rlhf_lm.data import DataReport, load_preference_data
+from rlhf_lm.data.loading import load_preference_data
+from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import ArtifactError, ConfigError, DataError, EvaluationError, describe
 from rlhf_lm.evaluation import evaluate_pairs
 from rlhf_lm.fsdp import fsdp_requested, full_state_dict, is_sharded
