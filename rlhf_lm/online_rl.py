@@ -13,11 +13,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
+from rlhf_lm.artifacts import METRICS_FILE, staged_output
 from rlhf_lm.configs import RewardSpecArguments
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.errors import DataError
 from rlhf_lm.fsdp import full_state_dict, is_sharded
+from rlhf_lm.json_files import write_json
 from rlhf_lm.progress import show_progress
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text

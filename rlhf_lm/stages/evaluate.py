@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, read_json, staged_output, write_json
+from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, staged_output
 from rlhf_lm.configs import check_batch_sizes, overwrite_output_dir_field, parse_config
 from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.json_files import read_json, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, staged_output, write_json
+from rlhf_lm.artifacts import METRICS_FILE, staged_output
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -35,6 +35,7 @@ from rlhf_lm.configs import (
 from rlhf_lm.controller import attach_controller, build_callback, controller_metrics
 from rlhf_lm.errors import ConfigError
 from rlhf_lm.fsdp import state_bytes_per_rank
+from rlhf_lm.json_files import write_json
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.stages.common import checkpoints_in, prepare_online_run

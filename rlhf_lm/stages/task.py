@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import METRICS_FILE, read_json, staged_output, write_json
+from rlhf_lm.artifacts import METRICS_FILE, staged_output
 from rlhf_lm.configs import overwrite_output_dir_field, parse_config
+from rlhf_lm.json_files import read_json, write_json
 from rlhf_lm.task import TaskConfig, build_task
 
 
