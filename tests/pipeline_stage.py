@@ -10,11 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from rlhf_lm.artifacts import METRICS_FILE, staged_output
+from rlhf_lm.builtin_task.task import gold_reward
 from rlhf_lm.configs import DataArguments
 from rlhf_lm.data import load_preference_data
 from rlhf_lm.json_files import write_json
 from rlhf_lm.modeling import load_tokenizer
-from rlhf_lm.task import gold_reward
 
 PROVIDES = ("policy",)
 

@@ -15,13 +15,13 @@ from typing import Any
 from accelerate import PartialState
 
 from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, partial_dir, resolve_resume, staged_output
+from rlhf_lm.builtin_task.task import task_eval_prompts
 from rlhf_lm.data.prompts import normalize_prompts
 from rlhf_lm.data.readers import load_rows
 from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import describe
 from rlhf_lm.fsdp import state_bytes_per_rank
 from rlhf_lm.json_files import write_json
-from rlhf_lm.task import task_eval_prompts
 
 
 def check_output_and_resume(cfg) -> str | None:

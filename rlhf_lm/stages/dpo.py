@@ -36,6 +36,7 @@ from typing import Any
 import trl
 from accelerate import PartialState
 
+from rlhf_lm.builtin_task.task import task_eval_prompts, task_root
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -68,7 +69,6 @@ from rlhf_lm.stages.common import (
     train_metrics,
     write_stage_metrics,
 )
-from rlhf_lm.task import task_eval_prompts, task_root
 from rlhf_lm.trainers import DPOTrainer
 
 logger = logging.getLogger(__name__)

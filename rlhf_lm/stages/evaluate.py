@@ -169,10 +169,10 @@ def load_models(cfg: EvaluateStageConfig):
 
 
 def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, float]:  # trains nothing: no events
+    from rlhf_lm.builtin_task.task import task_root
     from rlhf_lm.data.loading import hh_as_messages
     from rlhf_lm.evaluation import evaluate_policy
     from rlhf_lm.stages.common import closing_eval_prompts
-    from rlhf_lm.task import task_root
 
     if not cfg.policy_path:
         raise ConfigError("Set policy_path: the output dir of a dpo / ppo / grpo stage (or any model dir).")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from trl import RewardConfig
 
+from rlhf_lm.builtin_task.task import task_root
 from rlhf_lm.configs import (
     ControllerArguments,
     DataArguments,
@@ -64,7 +65,6 @@ from rlhf_lm.stages.common import (
     train_metrics,
     write_stage_metrics,
 )
-from rlhf_lm.task import task_root
 from rlhf_lm.trainers import RewardTrainer
 
 logger = logging.getLogger(__name__)

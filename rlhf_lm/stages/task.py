@@ -9,9 +9,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from rlhf_lm.artifacts import METRICS_FILE, staged_output
+from rlhf_lm.builtin_task.task import TaskConfig, build_task
 from rlhf_lm.configs import overwrite_output_dir_field, parse_config
 from rlhf_lm.json_files import read_json, write_json
-from rlhf_lm.task import TaskConfig, build_task
 
 
 @dataclass
