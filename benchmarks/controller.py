@@ -49,9 +49,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks.controller_harn
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.controller_harness import DpoTask, SteppedRun  # noqa: E402
+from rlhf_lm.builtin_task.task import TaskConfig, build_task  # noqa: E402
 from rlhf_lm.controller import build_callback  # noqa: E402
 from rlhf_lm.controller.handle import TrainerHandle  # noqa: E402
-from rlhf_lm.task import TaskConfig, build_task  # noqa: E402
 
 LRS = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2]
 ONLINE = {"policy": "online", "interval": 8, "candidates": [0.1, 1.0, 10.0], "probe_steps": 3,

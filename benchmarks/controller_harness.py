@@ -31,7 +31,7 @@ def _read_pairs(path: Path, start: int = 0, stop: int | None = None) -> Dataset:
 
 @dataclass
 class DpoTask:
-    """A task directory (``rlhf_lm.task.build_task``) ready for many short DPO runs."""
+    """A task directory (``rlhf_lm.builtin_task.task.build_task``) ready for many short DPO runs."""
 
     task_dir: Path
     num_train: int | None = None

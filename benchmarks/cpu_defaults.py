@@ -159,7 +159,7 @@ def main() -> None:
     # would read them back and skip the pass it is meant to pay for.
     datasets.disable_caching()
 
-    from rlhf_lm.task import TaskConfig, build_task
+    from rlhf_lm.builtin_task.task import TaskConfig, build_task
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -177,9 +177,9 @@ def main() -> None:
     a = parser.parse_args()
     torch.set_num_threads(1)
 
+    from rlhf_lm.builtin_task.task import TaskConfig, build_task
     from rlhf_lm.data import load_preference_data
     from rlhf_lm.modeling import load_tokenizer
-    from rlhf_lm.task import TaskConfig, build_task
 
     with tempfile.TemporaryDirectory() as tmp:
         task_dir = Path(a.task_dir) if a.task_dir else build_task(Path(tmp) / "task", TaskConfig(seed=0))

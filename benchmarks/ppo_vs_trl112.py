@@ -185,8 +185,8 @@ def run_worker(cmd: list[str]) -> dict:
 
 def prepare(work: Path) -> tuple[Path, Path]:
     """The built-in task and a merged reward model trained on its noisy pairs (both reused when present)."""
+    from rlhf_lm.builtin_task.task import TaskConfig, build_task
     from rlhf_lm.stages import reward as reward_stage
-    from rlhf_lm.task import TaskConfig, build_task
 
     task, rm = work / "task", work / "reward"
     if not (task / "base_policy").is_dir():

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from benchmarks.controller_harness import DpoTask
-    from rlhf_lm.task import TaskConfig, build_task
+    from rlhf_lm.builtin_task.task import TaskConfig, build_task
 
     transformers.logging.set_verbosity_error()
     datasets.utils.logging.disable_progress_bar()

@@ -1,5 +1,6 @@
-"""Output directories that a run cannot corrupt, checkpoints that are complete or absent, and the small JSON files
-stages hand to each other.
+"""Output directories that a run cannot corrupt, and which checkpoint a run resumes from.
+
+Output directories (:func:`check_output_dir`, :func:`staged_output`):
 
 Output directories (:func:`check_output_dir`, :func:`staged_output`):
 
@@ -14,20 +15,16 @@ Output directories (:func:`check_output_dir`, :func:`staged_output`):
 * A partial directory with complete checkpoints is never discarded silently: without ``resume_from_checkpoint`` the
   run stops and says how to resume (or to start over with ``overwrite_output_dir``).
 
-Checkpoints are written under :data:`CHECKPOINT_STAGING` and renamed to ``checkpoint-N`` when complete
-(:class:`AtomicCheckpoints` for transformers' Trainer, :func:`publish_checkpoint` for our PPO trainer), so a kill
-during a save leaves no torn ``checkpoint-N``; resume picks the newest complete one and logs which
-(:func:`resolve_resume`).
+Checkpoints are written atomically (:mod:`rlhf_lm.checkpoints`); a resumed run takes the newest complete one in the
+partial directory and logs which (:func:`resolve_resume`).
 
 All checks run on every process and change nothing; only the main process creates, clears and moves directories.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -37,16 +34,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rlhf_lm.checkpoints import (
+    CHECKPOINT_STAGING,
+    TRAINER_STATE,
+    is_complete_checkpoint,
+    is_resume_state,
+    last_checkpoint,
+    numbered_checkpoints,
+)
 from rlhf_lm.errors import ArtifactError
-from rlhf_lm.redaction import redact
+from rlhf_lm.json_files import read_json_object, write_json
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 OUTPUT_MARKER = ".rlhf_lm_output.json"  # what this directory is: {"state": "partial" | "finished", "stage", ...}
-CHECKPOINT_STAGING = ".checkpoint-in-progress"  # checkpoints being written, renamed to checkpoint-N when complete
-TRAINER_STATE = "trainer_state.json"  # written by transformers' Trainer and our PPO trainer into every checkpoint
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 _FALSE = (None, False, "", "false", "False", "no")
 _active: list[Path] = []  # partial dirs of runs started in this process and not finished (for the Ctrl-C message)
 
@@ -96,49 +98,19 @@ def _entries(directory: Path) -> list[str]:
         raise ArtifactError(f"Cannot read {directory}: {e.strerror}.") from None
 
 
-def _is_resume_state(relative: str) -> bool:
-    """A file of a checkpoint (or of one being written): the run's own resume state."""
-    top = relative.split("/")[0]
-    return top == CHECKPOINT_STAGING or bool(_CHECKPOINT_NAME.match(top))
-
-
 def _foreign_files(directory: Path, marker: dict[str, Any]) -> list[str]:
     """Files in a finished output that the run did not write (a user's notes, ...): replacing it would lose them."""
     if marker.get("files") is None:  # a legacy output: no list of its files to compare with
         return []
     written = set(marker["files"]) | {OUTPUT_MARKER}
-    return [f for f in _files(directory) if f not in written and not _is_resume_state(f)]
+    return [f for f in _files(directory) if f not in written and not is_resume_state(f)]
 
 
-# -------------------------------------------------------------------------------------------- checkpoints
-def is_complete_checkpoint(path: str | os.PathLike) -> bool:
-    """A ``checkpoint-N`` folder whose trainer state (written last by every trainer we use) is there and readable."""
-    if not isinstance(path, (str, os.PathLike)):
-        return False
-    path = Path(path)
-    if not (_CHECKPOINT_NAME.match(path.name) and path.is_dir()):
-        return False
-    return read_json_object(path / TRAINER_STATE) is not None
-
-
-def _numbered_checkpoints(directory: Path) -> list[tuple[int, Path]]:
-    if not directory.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _CHECKPOINT_NAME.match(p.name))]
-    return sorted(found)
-
-
-def last_checkpoint(directory: str | os.PathLike) -> str | None:
-    """The newest *complete* ``checkpoint-N`` folder under ``directory``, or None. Torn ones (a kill during a save
-    by an older version, or by a trainer that writes in place) are skipped."""
-    complete = [p for _, p in _numbered_checkpoints(Path(directory)) if is_complete_checkpoint(p)]
-    return str(complete[-1]) if complete else None
-
-
+# ------------------------------------------------------------------------------------------------- resuming
 def incomplete_checkpoints(directory: str | os.PathLike) -> list[str]:
     """Checkpoints that a kill interrupted while they were being written."""
     directory = Path(directory)
-    torn = [p.name for _, p in _numbered_checkpoints(directory) if not is_complete_checkpoint(p)]
+    torn = [p.name for _, p in numbered_checkpoints(directory) if not is_complete_checkpoint(p)]
     staging = directory / CHECKPOINT_STAGING
     return torn + ([f"{CHECKPOINT_STAGING}/{n}" for n in _entries(staging)] if staging.is_dir() else [])
 
@@ -169,79 +141,6 @@ def resolve_resume(output_dir: str | os.PathLike, resume: Any) -> str | None:
                             "the run from the beginning.")
     logger.info("Resuming from %s (the newest complete checkpoint in %s).", found, partial)
     return found
-
-
-def publish_checkpoint(staged: Path, output_dir: str | os.PathLike) -> Path:
-    """Move a fully written checkpoint from the staging folder to ``output_dir/checkpoint-N`` (one rename)."""
-    final = Path(output_dir) / staged.name
-    old = None
-    if final.exists():  # the same step saved again: swap, so a complete checkpoint-N exists at every moment
-        old = staged.with_name(f"{staged.name}.replaced-{uuid.uuid4().hex[:8]}")
-        final.rename(old)
-    staged.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def staging_checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
-    """Where checkpoint ``step`` is written before :func:`publish_checkpoint` renames it into place."""
-    return Path(output_dir) / CHECKPOINT_STAGING / f"checkpoint-{step}"
-
-
-class AtomicCheckpoints:
-    """Trainer mixin for crash-safe checkpoints.
-
-    * Every checkpoint is written under :data:`CHECKPOINT_STAGING` and renamed to ``checkpoint-N`` once every process
-      has written its part, so a kill during a save never leaves a torn ``checkpoint-N``. transformers' Trainer
-      writes in place (model, then optimizer, RNG and trainer state); here its own save runs unchanged, pointed at
-      the staging folder through ``_get_output_dir``, its only source of the run directory.
-    * Resuming from the checkpoint that ended training (a kill after the last step) loads it and trains no more:
-      transformers' loop checks ``max_steps`` only after a step, so it would train one step too many.
-    """
-
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if isinstance(resume_from_checkpoint, (str, os.PathLike)) and is_complete_checkpoint(resume_from_checkpoint):
-            saved = json.loads((Path(resume_from_checkpoint) / TRAINER_STATE).read_text())
-            last = self.args.max_steps if self.args.max_steps > 0 else saved.get("max_steps", 0)
-            if last and saved.get("global_step", 0) >= last:
-                return self._load_finished_training(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _load_finished_training(self, checkpoint: str):
-        from transformers.trainer_callback import TrainerState
-        from transformers.trainer_utils import TrainOutput
-
-        self._load_from_checkpoint(checkpoint)
-        self.state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
-        logger.info("%s is the end of training (step %d): loaded, nothing left to train.", checkpoint,
-                    self.state.global_step)
-        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-        losses = [h["loss"] for h in self.state.log_history if "loss" in h]
-        return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else float("nan"),
-                           {"train_runtime": 0.0})
-
-    def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import rotate_checkpoints
-
-        run_dir = Path(self._get_output_dir(trial=trial))
-        staged = staging_checkpoint_dir(run_dir, self.state.global_step)
-        self._get_output_dir = lambda trial=None: str(staged.parent)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            del self._get_output_dir
-        best = self.state.best_model_checkpoint
-        if best and Path(best).parent == staged.parent:  # transformers recorded the staging path: point it home
-            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
-        self.accelerator.wait_for_everyone()  # every process has written its RNG state into the staged folder
-        if self.args.should_save:
-            if self.state.best_model_checkpoint != best:
-                self.state.save_to_json(str(staged / TRAINER_STATE))
-            publish_checkpoint(staged, run_dir)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        self.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------- output directories
@@ -321,7 +220,7 @@ def _finish(partial: Path, final: Path, stage: str, drop_checkpoints: bool = Fal
     leaves the last checkpoint to resume from (one after leaves checkpoint folders in the output, nothing worse).
     """
     shutil.rmtree(partial / CHECKPOINT_STAGING, ignore_errors=True)
-    files = [f for f in _files(partial) if f != OUTPUT_MARKER and not (drop_checkpoints and _is_resume_state(f))]
+    files = [f for f in _files(partial) if f != OUTPUT_MARKER and not (drop_checkpoints and is_resume_state(f))]
     write_json(partial / OUTPUT_MARKER, {"state": "finished", "stage": stage, "finished": time.time(), "files": files})
     if final.is_dir() and _entries(final):
         marker = read_marker(final) or _legacy_marker(final)
@@ -338,7 +237,7 @@ def _finish(partial: Path, final: Path, stage: str, drop_checkpoints: bool = Fal
             final.rmdir()  # empty: nothing to keep
         partial.rename(final)
     if drop_checkpoints:
-        for _, checkpoint in _numbered_checkpoints(final):  # the finished artifact needs no resume state
+        for _, checkpoint in numbered_checkpoints(final):  # the finished artifact needs no resume state
             shutil.rmtree(checkpoint, ignore_errors=True)
 
 
@@ -375,34 +274,3 @@ def interrupted_run() -> tuple[Path, str | None] | None:
     if not _active:
         return None
     return _active[-1], last_checkpoint(_active[-1])
-
-
-# ---------------------------------------------------------------------------------------------- small JSON
-def write_json(path: str | Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically, with secrets redacted (see :mod:`rlhf_lm.redaction`)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(redact(data), indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-
-
-def read_json_object(path: str | Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None when the file is missing, unreadable or holds anything else: for files
-    that may not be there yet (a marker, a trainer state being written) or that only add detail (a model card's
-    metrics), where a gap is not an error."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"Expected {path}; the stage that should have written it did not finish.")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise ArtifactError(f"{path} is not valid JSON ({e}); the stage that wrote it did not finish cleanly. "
-                            "Re-run that stage.") from None

@@ -369,7 +369,7 @@ def evaluate_pairs(reward: ClassifierReward, pairs, gold: bool = False) -> dict[
     lens_r = torch.tensor([_text_len(r, reward.tokenizer) for r in rejected])
     gold_c = gold_r = None
     if gold:
-        from rlhf_lm.task import gold_reward
+        from rlhf_lm.builtin_task.task import gold_reward
 
         gold_c = torch.tensor([gold_reward(p, c) for p, c in zip(prompts, chosen, strict=True)])
         gold_r = torch.tensor([gold_reward(p, r) for p, r in zip(prompts, rejected, strict=True)])

@@ -23,8 +23,9 @@ from typing import Any
 
 import yaml
 
-from rlhf_lm.artifacts import METRICS_FILE, OUTPUT_MARKER, read_json_object
+from rlhf_lm.artifacts import METRICS_FILE, OUTPUT_MARKER
 from rlhf_lm.errors import ArtifactError, ConfigError, HubError
+from rlhf_lm.json_files import read_json_object
 from rlhf_lm.stages import STAGES
 
 logger = logging.getLogger(__name__)

@@ -39,9 +39,10 @@ import os
 import time
 from typing import Any
 
-from rlhf_lm.artifacts import METRICS_FILE, read_json, write_json
+from rlhf_lm.artifacts import METRICS_FILE
 from rlhf_lm.config_parsing import config_from_dict, load_recipe, read_override
 from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.json_files import read_json, write_json
 from rlhf_lm.pipeline_plan import Pipeline, StagePlan, fields_of, plan_pipeline
 from rlhf_lm.redaction import redact
 from rlhf_lm.stages import get_stage

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rlhf_lm.artifacts import read_json_object
+from rlhf_lm.json_files import read_json_object
 from rlhf_lm.stages import DEFAULT_CURVES, STAGES
 
 MAX_PANELS = 3

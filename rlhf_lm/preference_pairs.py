@@ -20,7 +20,10 @@ from types import SimpleNamespace
 
 from datasets import Dataset
 
-from rlhf_lm.data import DataReport, hh_as_messages, load_preference_data, load_rows, normalize_preferences
+from rlhf_lm.data.formats import normalize_preferences
+from rlhf_lm.data.loading import hh_as_messages, load_preference_data
+from rlhf_lm.data.readers import load_rows
+from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import DataError
 
 LENGTH_MODES = ("truncate_prompt", "truncate", "drop")

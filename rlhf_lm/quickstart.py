@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rlhf_lm.artifacts import write_json
+from rlhf_lm.json_files import write_json
 from rlhf_lm.pipeline import parse_args, plan_pipeline, run_pipeline
 
 DEFAULT_OUTPUT_DIR = "runs/quickstart"

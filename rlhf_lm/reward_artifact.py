@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
+from rlhf_lm.builtin_task.task import task_root
 from rlhf_lm.errors import ArtifactError
 from rlhf_lm.evaluation import evaluate_pairs
 from rlhf_lm.fsdp import full_state_dict, is_sharded
 from rlhf_lm.rewards import ClassifierReward
-from rlhf_lm.task import task_root
 
 logger = logging.getLogger(__name__)
 

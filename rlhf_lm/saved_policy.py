@@ -14,8 +14,9 @@ from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
-from rlhf_lm.artifacts import METRICS_FILE, read_json
+from rlhf_lm.artifacts import METRICS_FILE
 from rlhf_lm.errors import ArtifactError, ConfigError
+from rlhf_lm.json_files import read_json
 
 
 def is_adapter(path: str | None) -> bool:
@@ -36,7 +37,7 @@ def trained_or_auto(trained: dict) -> SimpleNamespace:
 def prompts_held_out_in_training(cfg, trained: dict, tokenizer) -> list:
     """The policy's own held-out prompts (its dataset's eval split or eval_fraction share), none a training prompt."""
     from rlhf_lm.configs import DataArguments
-    from rlhf_lm.data import held_out_prompts
+    from rlhf_lm.data.loading import held_out_prompts
 
     if not trained.get("dataset_name"):
         raise ConfigError(f"Set prompts: {cfg.policy_path} records no training dataset to take held-out prompts "

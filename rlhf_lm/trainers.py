@@ -2,7 +2,7 @@
 library - nothing a stage decides lives here:
 
 * :class:`rlhf_lm.fsdp.ShardedOnCPU`: FSDP2 on CPU ranks;
-* :class:`rlhf_lm.artifacts.AtomicCheckpoints`: checkpoints written atomically, so a kill leaves one to resume from;
+* :class:`rlhf_lm.checkpoints.AtomicCheckpoints`: checkpoints written atomically, so a kill leaves one to resume from;
 * :class:`rlhf_lm.logprob_tiles.FallbackLogProbTiles`: the fused LM head in small tiles on CPU;
 * :class:`rlhf_lm.speed.LengthGroupedBatches`: batches of pairs of similar length.
 
@@ -15,7 +15,7 @@ import torch
 import trl
 from datasets import Dataset
 
-from rlhf_lm.artifacts import AtomicCheckpoints
+from rlhf_lm.checkpoints import AtomicCheckpoints
 from rlhf_lm.fsdp import ShardedOnCPU
 from rlhf_lm.logprob_tiles import FallbackLogProbTiles
 from rlhf_lm.preference_pairs import TOKEN_COLUMNS
@@ -27,7 +27,7 @@ class DPOTrainer(ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, LengthGr
     is, with length-grouped batches (:class:`rlhf_lm.speed.LengthGroupedBatches`) and FSDP2 on CPU ranks
     (:mod:`rlhf_lm.fsdp`).
 
-    Checkpoints are written atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`); on CPU the fused LM head runs
+    Checkpoints are written atomically (:class:`rlhf_lm.checkpoints.AtomicCheckpoints`); on CPU the fused LM head runs
     in small tiles (:mod:`rlhf_lm.logprob_tiles`, 2.7 GB less peak memory on the 135M real model). TRL 1.16 re-runs
     its per-row tokenization on every dataset it is given; this skips that work when the token columns are already
     there (and still tokenizes anything else the usual way). Precomputed reference log-probs are scored in length
@@ -64,10 +64,10 @@ class DPOTrainer(ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, LengthGr
 
 class RewardTrainer(ShardedOnCPU, AtomicCheckpoints, LengthGroupedBatches, trl.RewardTrainer):
     """TRL's RewardTrainer with length-grouped batches (see :class:`rlhf_lm.speed.LengthGroupedBatches`), atomic
-    checkpoints (:class:`rlhf_lm.artifacts.AtomicCheckpoints`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`)."""
+    checkpoints (:class:`rlhf_lm.checkpoints.AtomicCheckpoints`) and FSDP2 on CPU ranks (:mod:`rlhf_lm.fsdp`)."""
 
 
 def with_atomic_checkpoints(trainer_cls: type) -> type:
-    """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.artifacts.AtomicCheckpoints`), with FSDP2
+    """``trainer_cls`` writing its checkpoints atomically (:class:`rlhf_lm.checkpoints.AtomicCheckpoints`), with FSDP2
     on CPU ranks (:class:`rlhf_lm.fsdp.ShardedOnCPU`) and small log-prob tiles on CPU (:mod:`rlhf_lm.logprob_tiles`)."""
     return type(trainer_cls.__name__, (ShardedOnCPU, AtomicCheckpoints, FallbackLogProbTiles, trainer_cls), {})

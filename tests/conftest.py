@@ -22,7 +22,7 @@ HH_PAIRS = SHARED_DATA / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 @pytest.fixture(scope="session")
 def task_dir(tmp_path_factory) -> Path:
     """The built-in task at its default size (base policy pre-trained as in the quickstart). ~20 s, built once."""
-    from rlhf_lm.task import TaskConfig, build_task
+    from rlhf_lm.builtin_task.task import TaskConfig, build_task
 
     return build_task(tmp_path_factory.mktemp("task"), TaskConfig(seed=0))
 
@@ -30,7 +30,7 @@ def task_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_task_dir(tmp_path_factory) -> Path:
     """A small version of the task for tests of mechanics (resume, shapes, errors), where quality does not matter."""
-    from rlhf_lm.task import TaskConfig, build_task
+    from rlhf_lm.builtin_task.task import TaskConfig, build_task
 
     cfg = TaskConfig(seed=1, num_pretrain_texts=300, num_train_pairs=96, num_eval_pairs=32)
     return build_task(tmp_path_factory.mktemp("tiny_task"), cfg, pretrain_epochs=1)

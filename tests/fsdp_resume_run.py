@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from rlhf_lm.artifacts import AtomicCheckpoints
+from rlhf_lm.checkpoints import AtomicCheckpoints
 from rlhf_lm.configs import parse_config
 from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
 from rlhf_lm.ppo.trainer import PPOTrainer

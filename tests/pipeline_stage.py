@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlhf_lm.artifacts import staged_output
+from rlhf_lm.builtin_task.task import gold_reward
 from rlhf_lm.configs import DataArguments
 from rlhf_lm.data import load_preference_data
 from rlhf_lm.modeling import load_tokenizer
 from rlhf_lm.stages.common import config_record, write_stage_metrics
-from rlhf_lm.task import gold_reward
 
 PROVIDES = ("policy",)
 

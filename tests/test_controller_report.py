@@ -79,7 +79,7 @@ def test_reward_and_rloo_stages_write_the_controller_into_metrics(tiny_task_dir,
 
 
 def test_no_controller_section_without_a_controller(tmp_path):
-    from rlhf_lm.artifacts import write_json
+    from rlhf_lm.json_files import write_json
 
     write_json(tmp_path / "metrics.json", {"metrics": {"train/loss": 0.5}, "config": {}})
     assert "## Controller" not in model_card(tmp_path, "someone/plain")

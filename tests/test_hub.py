@@ -15,9 +15,9 @@ import torch
 import yaml
 from hub_server import HubStandIn
 
-from rlhf_lm.artifacts import write_json
 from rlhf_lm.errors import ConfigError
 from rlhf_lm.hub import check_repo_id
+from rlhf_lm.json_files import write_json
 
 TOKEN = "hf_stand_in_secret_token"
 TEXTS = ["Describe the cat and the dog.\nthe cat is happy .", "Tell me about the rain.\na cold rain ."] * 20

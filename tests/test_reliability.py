@@ -28,16 +28,11 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from rlhf_lm import cli
-from rlhf_lm.artifacts import (
-    METRICS_FILE,
-    OUTPUT_MARKER,
-    last_checkpoint,
-    resolve_resume,
-    staged_output,
-    write_json,
-)
+from rlhf_lm.artifacts import METRICS_FILE, OUTPUT_MARKER, resolve_resume, staged_output
+from rlhf_lm.checkpoints import last_checkpoint
 from rlhf_lm.configs import parse_config
 from rlhf_lm.errors import ArtifactError
+from rlhf_lm.json_files import write_json
 from rlhf_lm.stages import STAGES
 
 TESTS = Path(__file__).parent

@@ -103,7 +103,7 @@ def test_ensemble_normalises_each_member_before_weighting():
 
 
 def test_gold_reward_is_the_task_gold():
-    from rlhf_lm.task import gold_reward
+    from rlhf_lm.builtin_task.task import gold_reward
 
     p, c = "Describe the cat and the dog.\n", "the cat is happy . the dog is kind ."
     assert GoldReward()([p], [c]).tolist() == pytest.approx([gold_reward(p, c)])
@@ -142,7 +142,7 @@ def test_load_reward_resolves_every_spec_kind(tmp_path):
     with pytest.raises(RewardError, match="my_rewards.py:Constant returned shape"):
         check_rewards(const(["p", "p"], ["x", "y"])[:1], 2, const.name)
     assert isinstance(load_reward("gold"), GoldReward)
-    dotted = load_reward("rlhf_lm.task:gold_reward")
+    dotted = load_reward("rlhf_lm.builtin_task.task:gold_reward")
     assert dotted(["Describe the cat and the dog.\n"], ["the cat is happy ."]).shape == (1,)
     assert load_reward(fn) is fn
 
@@ -152,8 +152,8 @@ BAD_SPECS = [
     ("nowhere/at_all", {}, RewardError, ["nowhere/at_all", "Tried", "gold", "directory"]),
     ("missing_file.py:Reward", {}, RewardError, ["missing_file.py", "does not exist"]),
     ("rlhf_lm.no_such_module:X", {}, RewardError, ["cannot import module"]),
-    ("rlhf_lm.task:NoSuchName", {}, RewardError, ["has no attribute 'NoSuchName'", "gold_reward"]),
-    ("rlhf_lm.task:TOPICS", {}, RewardError, ["not callable", "__call__(prompts, completions)"]),
+    ("rlhf_lm.builtin_task.task:NoSuchName", {}, RewardError, ["has no attribute 'NoSuchName'", "gold_reward"]),
+    ("rlhf_lm.builtin_task.task:TOPICS", {}, RewardError, ["not callable", "__call__(prompts, completions)"]),
     (42, {}, RewardError, ["neither a string nor callable"]),
 ]
 

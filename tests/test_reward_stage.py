@@ -104,8 +104,8 @@ def test_reload_reproduces_in_memory_scores(lora_rm, tiny_task_dir):
 
 def test_cross_tokenizer_reward_scores_text_not_ids(lora_rm, tmp_path, tiny_task_dir):
     """A policy with its own tokenizer is judged by a reward model with another: the reward re-tokenises text."""
+    from rlhf_lm.builtin_task.task import all_prompts
     from rlhf_lm.modeling import build_tiny_model, load_causal_lm, load_tokenizer
-    from rlhf_lm.task import all_prompts
 
     out, _, _ = lora_rm
     policy_dir = build_tiny_model(tmp_path / "policy", all_prompts()[:200], arch="qwen2", vocab_size=300, seed=3)
@@ -152,8 +152,8 @@ def test_encoder_backbone_without_eos_trains_and_reloads(tiny_task_dir, tmp_path
     """BERT-style tokenizers have no EOS (RewardTrainer needs one): SEP stands in, and the classifier head saves."""
     from transformers import AutoTokenizer
 
+    from rlhf_lm.builtin_task.task import all_prompts
     from rlhf_lm.modeling import build_tiny_model
-    from rlhf_lm.task import all_prompts
 
     texts = [json.loads(x)["chosen"] for x in (tiny_task_dir / "data" / "pairs_train.jsonl").open()] + all_prompts()
     encoder = build_tiny_model(tmp_path / "encoder", texts, arch="bert", vocab_size=300)
@@ -268,7 +268,7 @@ def test_stage_learns_a_clean_preference(tiny_task_dir, tmp_path):
     on words combined in ways it never saw."""
     import random
 
-    from rlhf_lm.task import NEGATIVE, POSITIVE, TOPICS
+    from rlhf_lm.builtin_task.task import NEGATIVE, POSITIVE, TOPICS
 
     rng, nouns = random.Random(0), [n for ns in TOPICS.values() for n in ns]
     train_nouns, eval_nouns = nouns[:36], nouns[36:]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rlhf_lm.task import (
+from rlhf_lm.builtin_task.task import (
     ADJ_SCORE,
     NOUN_TOPIC,
     TaskConfig,

@@ -16,12 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rlhf_lm.data import hh_as_messages
+from rlhf_lm.builtin_task.task import task_eval_prompts, task_root
+from rlhf_lm.data.loading import hh_as_messages
 from rlhf_lm.fsdp import is_sharded
 from rlhf_lm.modeling import load_causal_lm, load_tokenizer
 from rlhf_lm.preference_pairs import load_pairs
 from rlhf_lm.stages.common import closing_eval_prompts, require_model
-from rlhf_lm.task import task_eval_prompts, task_root
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def load_judge(cfg) -> tuple[Any, list[Any] | None]:
 def load_eval_prompts(cfg, tokenizer=None) -> list[Any]:
     """Held-out prompts for the generation eval: ``eval_prompts``, else the built-in task's, else the prompts of the
     held-out pairs that no training pair has."""
-    from rlhf_lm.data import unseen_prompts
+    from rlhf_lm.data.loading import unseen_prompts
 
     def unseen_held_out_prompts() -> list[Any]:
         train, held_out, _, _ = load_pairs(cfg, tokenizer)

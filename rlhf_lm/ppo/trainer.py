@@ -31,8 +31,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, get_sche
 from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback
 
-from rlhf_lm.artifacts import publish_checkpoint, staging_checkpoint_dir
-from rlhf_lm.data import DataReport
+from rlhf_lm.checkpoints import publish_checkpoint, staging_checkpoint_dir
+from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import ArtifactError, DataError
 from rlhf_lm.evaluation import kl_per_token
 from rlhf_lm.fsdp import full_state_dict, make_fsdp_real, unsharded

@@ -10,9 +10,10 @@ import os
 import sys
 from pathlib import Path
 
+from rlhf_lm.builtin_task.gold import GoldReward
 from rlhf_lm.errors import RewardError, describe
-from rlhf_lm.rewards.builtin import FunctionReward, GoldReward
 from rlhf_lm.rewards.classifier import ClassifierReward
+from rlhf_lm.rewards.function import FunctionReward
 from rlhf_lm.rewards.protocol import RewardModel
 
 

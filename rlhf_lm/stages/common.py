@@ -16,18 +16,14 @@ from typing import Any
 
 from accelerate import PartialState
 
-from rlhf_lm.artifacts import (
-    METRICS_FILE,
-    check_output_dir,
-    partial_dir,
-    resolve_resume,
-    staged_output,
-    write_json,
-)
-from rlhf_lm.data import DataReport, load_rows, normalize_prompts
+from rlhf_lm.artifacts import METRICS_FILE, check_output_dir, partial_dir, resolve_resume, staged_output
+from rlhf_lm.builtin_task.task import task_eval_prompts
+from rlhf_lm.data.prompts import normalize_prompts
+from rlhf_lm.data.readers import load_rows
+from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import ConfigError, describe
 from rlhf_lm.fsdp import state_bytes_per_rank
-from rlhf_lm.task import task_eval_prompts
+from rlhf_lm.json_files import write_json
 
 
 def require_model(cfg, what: str) -> None:
@@ -51,7 +47,7 @@ def prepare_online_run(cfg):
     Returns ``(resume, place_reward, tokenizer, train, eval_ds, report)``; ``place_reward(policy, tokenizer)`` puts
     the reward model on the policy's base or beside it (:func:`rlhf_lm.shared_reward.resolve_reward`).
     """
-    from rlhf_lm.data import load_prompt_data
+    from rlhf_lm.data.loading import load_prompt_data
     from rlhf_lm.modeling import load_tokenizer
     from rlhf_lm.shared_reward import resolve_reward
 

@@ -89,10 +89,10 @@ CONFIG = EvaluateStageConfig
 
 
 def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, float]:  # trains nothing: no events
-    from rlhf_lm.data import hh_as_messages
+    from rlhf_lm.builtin_task.task import task_root
+    from rlhf_lm.data.loading import hh_as_messages
     from rlhf_lm.evaluation import evaluate_policy
     from rlhf_lm.stages.common import closing_eval_prompts, config_record, write_stage_metrics
-    from rlhf_lm.task import task_root
 
     if not cfg.policy_path:
         raise ConfigError("Set policy_path: the output dir of a dpo / ppo / grpo stage (or any model dir).")
@@ -127,7 +127,8 @@ def run(cfg: EvaluateStageConfig, callbacks: list | None = None) -> dict[str, fl
 
 def _pair_metrics(cfg: EvaluateStageConfig, policy, reference, tokenizer):
     """DPO's implicit-reward accuracy and margin on the held-out ``pairs``, and the report of the pairs used."""
-    from rlhf_lm.data import load_rows, normalize_preferences
+    from rlhf_lm.data.formats import normalize_preferences
+    from rlhf_lm.data.readers import load_rows
     from rlhf_lm.evaluation import implicit_reward_accuracy
     from rlhf_lm.preference_pairs import apply_length_limit, tokenize_pairs
 

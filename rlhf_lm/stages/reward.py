@@ -36,7 +36,8 @@ from rlhf_lm.configs import (
     parse_config,
 )
 from rlhf_lm.controller import attach_controller, build_callback
-from rlhf_lm.data import DataReport, load_preference_data
+from rlhf_lm.data.loading import load_preference_data
+from rlhf_lm.data.report import DataReport
 from rlhf_lm.errors import ConfigError, DataError, EvaluationError, describe
 from rlhf_lm.fsdp import fsdp_requested, is_sharded
 from rlhf_lm.modeling import (

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhf_lm.artifacts import read_json, staged_output
+from rlhf_lm.artifacts import staged_output
+from rlhf_lm.builtin_task.task import TaskConfig, build_task
 from rlhf_lm.configs import overwrite_output_dir_field, parse_config
+from rlhf_lm.json_files import read_json
 from rlhf_lm.stages.common import config_record, log_history_recorder, write_stage_metrics
-from rlhf_lm.task import TaskConfig, build_task
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Built-in reward models: a plain Python function wrapped as a RewardModel, and the built-in task's gold reward."""
+"""A plain Python function wrapped as a RewardModel."""
 
 from __future__ import annotations
 
@@ -25,17 +25,3 @@ class FunctionReward:
 
     def __repr__(self) -> str:
         return f"FunctionReward({self.name})"
-
-
-class GoldReward(FunctionReward):
-    """The built-in task's programmatic gold reward (see ``rlhf_lm.task``). Its prompts are text; a conversational
-    prompt is judged by the text of its last message (the task's prompt, when the task is posed as a chat)."""
-
-    def __init__(self):
-        from rlhf_lm.task import gold_reward
-
-        super().__init__(gold_reward, name="gold")
-
-    def __call__(self, prompts: list, completions: list[str]) -> torch.Tensor:
-        texts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
-        return super().__call__(texts, completions)

@@ -196,8 +196,8 @@ def build_task(
         data/prompts_{train,eval}.jsonl prompt (eval prompts are held out from all training data)
         base_policy/                   tokenizer + causal LM, loadable with from_pretrained
     """
+    from rlhf_lm.builtin_task.pretrain import pretrain_causal_lm
     from rlhf_lm.modeling import build_tiny_model
-    from rlhf_lm.pretrain import pretrain_causal_lm
 
     config = config or TaskConfig()
     out = Path(output_dir)
