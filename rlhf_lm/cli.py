@@ -15,7 +15,7 @@ import os
 import sys
 
 from rlhf_lm.errors import RlhfError, suggest
-from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
+from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group, leave_process_group
 from rlhf_lm.stages import STAGES
 
 # OSErrors that are the machine saying no to the user's paths, not bugs.
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
             check_current_launch()
         module = importlib.import_module(COMMANDS[command][0])
         code = module.main(rest)
+        leave_process_group()
     except RlhfError as e:
         _fail(command, str(e))
     except OSError as e:

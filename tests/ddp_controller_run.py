@@ -18,6 +18,7 @@ from accelerate import PartialState
 from rlhf_lm.configs import config_from_dict
 from rlhf_lm.controller import build_callback
 from rlhf_lm.controller.policies.online import ProbePlanner
+from rlhf_lm.launch import leave_process_group
 from rlhf_lm.stages.dpo import DPOStageConfig, build_trainer
 
 
@@ -44,3 +45,4 @@ def main(task: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    leave_process_group()  # as the CLI does: no gloo thread may outlive the interpreter

@@ -12,6 +12,7 @@ import torch
 from accelerate import PartialState
 from tiny_lora_policy import tiny_lora_policy, train_prompts
 
+from rlhf_lm.launch import leave_process_group
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.ppo.rollout import collect_rollout
 from rlhf_lm.rewards import GoldReward
@@ -33,3 +34,4 @@ def main(task: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    leave_process_group()  # as the CLI does: no gloo thread may outlive the interpreter

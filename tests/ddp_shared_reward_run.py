@@ -14,6 +14,7 @@ import torch
 from accelerate import PartialState
 from tiny_lora_policy import tiny_lora_policy, train_prompts
 
+from rlhf_lm.launch import leave_process_group
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.shared_reward import SharedBaseReward, load_reward_for_policy
 
@@ -53,3 +54,4 @@ def main(task: str, out: str, reward_dir: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    leave_process_group()  # as the CLI does: no gloo thread may outlive the interpreter

@@ -18,7 +18,7 @@ from accelerate import PartialState
 from tiny_lora_policy import tiny_lora_policy, train_prompts
 
 from rlhf_lm.fsdp import is_sharded
-from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
+from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group, leave_process_group
 from rlhf_lm.ppo import PPOConfig, PPOTrainer
 from rlhf_lm.rewards import GoldReward
 from rlhf_lm.sampling import left_pad, sample, sampling_config
@@ -51,3 +51,4 @@ def main(task: str, out: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
+    leave_process_group()  # as the CLI does: no gloo thread may outlive the interpreter

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rlhf_lm.checkpoints import AtomicCheckpoints
 from rlhf_lm.configs import parse_config
-from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group
+from rlhf_lm.launch import check_current_launch, cpu_ranks_join_one_group, leave_process_group
 from rlhf_lm.ppo.trainer import PPOTrainer
 
 CRASH_STEP = 2
@@ -89,3 +89,4 @@ def main(task: str, out: str, *cases: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave_process_group()  # as the CLI does: no gloo thread may outlive the interpreter
