@@ -12,13 +12,24 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from rlhf_lm.artifacts import staged_output
-from rlhf_lm.configs import RewardSpecArguments
+from rlhf_lm.configs import (
+    ControllerArguments,
+    DataArguments,
+    ModelArguments,
+    NoQuantization,
+    PromptsOnly,
+    RewardSpecArguments,
+    TrainingDefaults,
+    finish_config,
+    parse_config,
+)
 from rlhf_lm.controller import attach_controller, build_callback
 from rlhf_lm.errors import DataError
 from rlhf_lm.fsdp import full_state_dict, is_sharded
-from rlhf_lm.progress import show_progress
+from rlhf_lm.progress import show_progress, stage_summary
 from rlhf_lm.rewards.trl_adapter import TRLRewardFunction
 from rlhf_lm.sampling import NEUTRAL_SAMPLING, prompt_text
 from rlhf_lm.stages.common import checkpoints_in, config_record, prepare_online_run, write_stage_metrics
@@ -54,11 +65,25 @@ def filter_prompts(ds, tokenizer, max_prompt_length: int | None, report):
 
 
 @dataclass
-class OnlineRLArguments(RewardSpecArguments):
-    """What GRPO and RLOO add to TRL's config: a reward spec and counted prompt-length filtering."""
+class OnlineRLArguments(RewardSpecArguments, NoQuantization, ModelArguments, PromptsOnly, DataArguments,
+                        ControllerArguments, TrainingDefaults):
+    """Everything the ``grpo`` and ``rloo`` configs read besides TRL's own config, which each lists after this one:
+    model + LoRA, prompt data, a reward spec, the controller, and counted prompt-length filtering."""
+
+    TRL_CONFIG: ClassVar[type]  # GRPOConfig / RLOOConfig, whose checks run after the shared mixins'
 
     max_prompt_length: int | None = field(
         default=512, metadata={"help": "Prompts with more tokens are dropped (and counted). None = keep all."})
+
+    def __post_init__(self) -> None:
+        finish_config(self, self.TRL_CONFIG)
+
+
+def online_main(config_cls: type, run, stage: str, argv: list[str] | None) -> int:
+    """A ``grpo`` / ``rloo`` command: parse ``config_cls``, train with ``run``, print the summary line."""
+    cfg = parse_config(config_cls, argv)
+    print(stage_summary(stage, stage, run(cfg), f"written to {cfg.output_dir}"))
+    return 0
 
 
 def run_online(cfg, trainer_cls, stage: str, callbacks: list | None = None) -> dict[str, float]:

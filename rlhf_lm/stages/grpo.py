@@ -15,29 +15,16 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from rlhf_lm.configs import (
-    ControllerArguments,
-    DataArguments,
-    ModelArguments,
-    NoQuantization,
-    PromptsOnly,
-    TrainingDefaults,
-    finish_config,
-    parse_config,
-)
-from rlhf_lm.online_rl import OnlineRLArguments, run_online
-from rlhf_lm.progress import stage_summary
+from rlhf_lm.online_rl import OnlineRLArguments, online_main, run_online
 
 
 @dataclass
-class GRPOStageConfig(OnlineRLArguments, NoQuantization, ModelArguments, PromptsOnly, DataArguments,
-                      ControllerArguments, TrainingDefaults, GRPOConfig):
+class GRPOStageConfig(OnlineRLArguments, GRPOConfig):
     """Model + LoRA, prompt data, reward spec and TRL's GRPOConfig (beta 0 by default: no reference model)."""
 
-    output_dir: str = field(default="runs/grpo", metadata={"help": "Where the adapter and metrics go."})
+    TRL_CONFIG = GRPOConfig
 
-    def __post_init__(self) -> None:
-        finish_config(self, GRPOConfig)  # the shared mixins' checks, then TRL's
+    output_dir: str = field(default="runs/grpo", metadata={"help": "Where the adapter and metrics go."})
 
 
 CONFIG = GRPOStageConfig
@@ -50,6 +37,4 @@ def run(cfg: GRPOStageConfig, callbacks: list | None = None) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(GRPOStageConfig, argv)
-    print(stage_summary("grpo", "grpo", run(cfg), f"written to {cfg.output_dir}"))
-    return 0
+    return online_main(GRPOStageConfig, run, "grpo", argv)

@@ -11,29 +11,16 @@ from dataclasses import dataclass, field
 
 from trl import RLOOConfig
 
-from rlhf_lm.configs import (
-    ControllerArguments,
-    DataArguments,
-    ModelArguments,
-    NoQuantization,
-    PromptsOnly,
-    TrainingDefaults,
-    finish_config,
-    parse_config,
-)
-from rlhf_lm.online_rl import OnlineRLArguments, run_online
-from rlhf_lm.progress import stage_summary
+from rlhf_lm.online_rl import OnlineRLArguments, online_main, run_online
 
 
 @dataclass
-class RLOOStageConfig(OnlineRLArguments, NoQuantization, ModelArguments, PromptsOnly, DataArguments,
-                      ControllerArguments, TrainingDefaults, RLOOConfig):
+class RLOOStageConfig(OnlineRLArguments, RLOOConfig):
     """Model + LoRA, prompt data, reward spec and TRL's RLOOConfig (beta 0 by default: no reference model)."""
 
-    output_dir: str = field(default="runs/rloo", metadata={"help": "Where the adapter and metrics go."})
+    TRL_CONFIG = RLOOConfig
 
-    def __post_init__(self) -> None:
-        finish_config(self, RLOOConfig)  # the shared mixins' checks, then TRL's
+    output_dir: str = field(default="runs/rloo", metadata={"help": "Where the adapter and metrics go."})
 
 
 CONFIG = RLOOStageConfig
@@ -46,6 +33,4 @@ def run(cfg: RLOOStageConfig, callbacks: list | None = None) -> dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(RLOOStageConfig, argv)
-    print(stage_summary("rloo", "rloo", run(cfg), f"written to {cfg.output_dir}"))
-    return 0
+    return online_main(RLOOStageConfig, run, "rloo", argv)
