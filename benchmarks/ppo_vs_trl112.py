@@ -18,7 +18,9 @@ process, which other jobs on a shared machine do not inflate) and peak_mem_ratio
 
 Differences by design (each side's own defaults where the other has no equivalent): TRL 1.12 trains a separate,
 fully trainable value model initialised from the reward model; ours trains a value head on the policy's LoRA trunk.
-Ours normalises scores with running statistics (recipe setting); TRL 1.12 has no such option.
+Ours normalises scores with running statistics and takes the KL penalty exactly over the vocabulary (recipe
+settings: ``normalize_scores``, ``kl_estimator: full``); TRL 1.12 has neither and uses the sampled k1 estimate. The
+objective is the same, ``kl_coef`` x KL(policy || reference); eval/kl is measured the same way for both.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# This checkout's rlhf_lm, in this process and in our worker (both run this file, whose folder is sys.path[0]): an
+# installed rlhf_lm from another checkout (an editable install of the main worktree) would be benchmarked otherwise.
+sys.path.insert(0, str(ROOT))
 VENV = ROOT / ".venv" / "trl112"
 TRL_PACKAGES = ["trl==1.12.0", "transformers==5.23.0", "torch==2.13.0", "peft", "datasets", "accelerate"]
 
@@ -40,7 +45,7 @@ TRL_PACKAGES = ["trl==1.12.0", "transformers==5.23.0", "torch==2.13.0", "peft", 
 # diverge on the task's base policy (KL ~8.5 nats/token, gold reward far below the reference), which compares nothing.
 COMMON = dict(learning_rate=1e-3, rollout_batch_size=64, minibatch_size=16, num_ppo_epochs=4, max_new_tokens=40,
               temperature=1.0, kl_coef=0.05, missing_eos_penalty=1.0, lora_r=16, lora_alpha=32, seed=0)
-OURS_EXTRA = dict(normalize_scores=True, vf_coef=0.5)
+OURS_EXTRA = dict(normalize_scores=True, vf_coef=0.5, kl_estimator="full")  # recipes/builtin/ppo.yaml's
 TRL_EXTRA = dict(vf_coef=0.1)  # TRL 1.12's default, for its separate value model
 
 TRL_WORKER = r'''

@@ -404,6 +404,20 @@ def test_the_reward_model_gets_prompts_as_the_data_has_them(tiny_task_dir, tmp_p
     assert len(seen) == 16 and all(p in chats for p in seen)
 
 
+def test_full_kl_penalises_in_the_reward_and_the_loss(tiny_task_dir, tmp_path):
+    """kl_estimator: full puts the exact per-position KL into the rewards and its direct gradient into the loss;
+    objective/kl stays the sampled k1 sum, so it reads the same whatever the estimator."""
+    trainer = make_trainer(tiny_task_dir, tmp_path, max_steps=2, kl_estimator="full", kl_coef=0.1)
+    before = trainable_state(trainer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "objective/kl" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["objective/kl"]) for h in logs)
+    assert logs[0]["objective/kl_exact"] == pytest.approx(0.0, abs=1e-5)  # the first rollout is the reference
+    assert logs[1]["objective/kl_exact"] > 0 and logs[1]["loss/kl"] >= 0
+    after = trainable_state(trainer)
+    assert all(not torch.equal(before[n], after[n]) for n in before)
+
+
 def test_target_kl_stops_the_update_epochs_early(tiny_task_dir, tmp_path):
     """An epoch whose mean approximate KL passes target_kl ends the iteration's updates (all ranks together)."""
     runs = {}

@@ -11,6 +11,7 @@ from rlhf_lm.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    exact_kl,
     gae,
     kl_penalty,
     masked_mean,
@@ -94,6 +95,32 @@ def test_kl_estimators_are_unbiased():
     x = torch.multinomial(p, 200_000, replacement=True)
     for estimator in ("k1", "k3"):
         assert abs(kl_penalty(p.log()[x], q.log()[x], estimator).mean() - exact) < 0.01
+
+
+def test_exact_kl_by_hand():
+    # p = (1/2, 1/2), q = (1/4, 3/4): KL = 1/2 ln(2) + 1/2 ln(2/3); logits are log-probs up to a shift per row
+    p, q = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    expected = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
+    assert close(exact_kl(p.log() + 3.0, q.log() - 1.0), [expected])
+    # (batch, length, vocab) -> (batch, length); identical distributions give 0
+    logits = torch.stack([p.log(), q.log()])[None]
+    assert close(exact_kl(logits, torch.stack([q.log(), q.log()])[None]), [[expected, 0.0]])
+    # the temperature divides both sets of logits: at T = 2, p' = softmax(log p / 2) = (1/2, 1/2), q' ~ (1, sqrt 3)
+    q2 = torch.tensor([1.0, math.sqrt(3)]) / (1 + math.sqrt(3))
+    assert close(exact_kl(p.log(), q.log(), temperature=2.0), [(0.5 * (0.5 / q2).log()).sum()])
+
+
+def test_exact_kl_is_what_k1_estimates_and_sees_unsampled_tokens():
+    # The policy moved 2% of its mass onto a token the reference gives 1e-6. k1 on a batch of samples that missed
+    # that token reports less KL than there is; the exact KL counts it at every state.
+    p, q = torch.tensor([0.98, 0.02]), torch.tensor([1 - 1e-6, 1e-6])
+    exact = exact_kl(p.log(), q.log())
+    assert close(exact, (p * (p / q).log()).sum())
+    missed = kl_penalty(p.log()[torch.zeros(20, dtype=torch.long)], q.log()[torch.zeros(20, dtype=torch.long)], "k1")
+    assert missed.mean() < 0 < 0.1 < exact
+    torch.manual_seed(0)
+    x = torch.multinomial(p, 200_000, replacement=True)
+    assert abs(kl_penalty(p.log()[x], q.log()[x], "k1").mean() - exact) < 0.01
 
 
 def test_token_rewards_by_hand():

@@ -43,7 +43,11 @@ class PPOConfig(TrainingArguments):
     # reward shaping
     kl_coef: float = field(default=0.05, metadata={"help": "Coefficient of the per-token KL penalty (initial value)."})
     kl_estimator: str = field(
-        default="k1", metadata={"help": "Per-token KL estimator: k1 (log ratio) or k3 (non-negative, lower variance)."})
+        default="k1",
+        metadata={"help": "Per-token KL penalty: k1 (log ratio of the sampled token), k3 (non-negative, lower "
+                          "variance), or full (exact KL over the whole vocabulary at each position, in the reward "
+                          "and, as its direct gradient, in the loss: sees probability moved onto tokens that were "
+                          "not sampled; one more reference forward per update micro-batch)."})
     adaptive_kl: bool = field(
         default=False, metadata={"help": "Adapt kl_coef towards kl_target (Ziegler et al. 2019)."})
     kl_target: float = field(default=6.0, metadata={"help": "Target KL per sequence for the adaptive controller."})
@@ -70,8 +74,8 @@ class PPOConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ConfigError(f"kl_estimator must be k1 or k3, got '{self.kl_estimator}'.")
+        if self.kl_estimator not in ("k1", "k3", "full"):
+            raise ConfigError(f"kl_estimator must be k1, k3 or full, got '{self.kl_estimator}'.")
         for name in ("rollout_batch_size", "max_new_tokens", "max_prompt_length", "num_ppo_epochs"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")

@@ -6,6 +6,7 @@ or a loss.
 
 References: Schulman et al. 2015 (GAE), Schulman et al. 2017 (PPO), Ziegler et al. 2019 (per-token KL penalty and
 the adaptive KL controller), Schulman 2020 "Approximating KL divergence" (the k1 / k3 estimators).
+The ``full`` KL option (exact over the vocabulary, see :func:`exact_kl`) is ours.
 """
 
 from __future__ import annotations
@@ -63,6 +64,18 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if estimator == "k3":
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"Unknown KL estimator '{estimator}': use k1 or k3.")
+
+
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``KL(policy(. | s_t) || reference(. | s_t))`` at each position, summed over the whole vocabulary.
+
+    ``logits`` and ``ref_logits`` are ``(..., vocab)``; returns ``(...)``. Unlike k1/k3, which see only the token that
+    was sampled, this sees every token: probability the policy moved onto a token the reference finds very unlikely
+    counts at every visit of the state, not only in the rare rollout that happens to sample it.
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    ref_logp = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - ref_logp)).sum(-1)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, kl_coef: float, mask: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_lm.ppo.core import exact_kl
 from rlhf_lm.ppo.model import PolicyWithValueHead
 from rlhf_lm.rewards import RewardModel, check_rewards
 from rlhf_lm.sampling import Prompt, left_pad, pad_token_id, sample, sampling_config, stop_token_ids
@@ -32,6 +33,7 @@ class Rollout:
     has_eos: torch.Tensor         # (B,) bool
     prompts: list[Prompt]         # as the data has them: text, or a list of messages
     completions: list[str]
+    full_kl: torch.Tensor | None = None  # (B, R) exact KL(policy || reference) per position (kl_estimator: full)
 
 
 def truncate_after_eos(responses: torch.Tensor, stop_ids: list[int],
@@ -80,6 +82,8 @@ def collect_rollout(model: PolicyWithValueHead, tokenizer, prompts: list[Prompt]
     attention_mask = torch.cat([query_mask, response_mask], 1)
 
     parts = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": []}
+    if args.kl_estimator == "full":
+        parts["full_kl"] = []
     for i in range(0, len(prompts), forward_batch_size):
         ids, mask, resp = (input_ids[i:i + forward_batch_size], attention_mask[i:i + forward_batch_size],
                            responses[i:i + forward_batch_size])
@@ -91,6 +95,8 @@ def collect_rollout(model: PolicyWithValueHead, tokenizer, prompts: list[Prompt]
         for key, value in (("logprobs", logp), ("ref_logprobs", ref_logp), ("values", values.float()),
                            ("entropy", entropy)):
             parts[key].append(value)
+        if "full_kl" in parts:
+            parts["full_kl"].append(exact_kl(logits, ref_logits, args.temperature))
     model.train(was_training)
 
     # The text a reward model sees ends at EOS; the special tokens themselves are not part of the completion. The

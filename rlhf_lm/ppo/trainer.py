@@ -41,9 +41,11 @@ from rlhf_lm.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
+    exact_kl,
     gae,
     kl_penalty,
     masked_mean,
+    masked_var,
     masked_whiten,
     policy_loss,
     token_rewards,
@@ -260,12 +262,18 @@ class PPOTrainer:
         if args.score_clip is not None:
             shaped = shaped.clamp(-args.score_clip, args.score_clip)
 
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, args.kl_estimator) * mask
+        full_kl = args.kl_estimator == "full"
+        # objective/kl stays the sampled k1 sum under `full` too, so it measures the same thing whatever the penalty.
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1" if full_kl else args.kl_estimator) * mask
         kl_coef = self.kl_ctl.value
-        rewards = token_rewards(shaped, kl, kl_coef, mask)
+        rewards = token_rewards(shaped, rollout.full_kl * mask if full_kl else kl, kl_coef, mask)
         if args.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae(rewards, rollout.values, mask, args.gamma, args.lam)
+        # Whitening divides the reward's route into the gradient (the score and the KL of the states an action leads
+        # to) by this scale; the exact KL's direct gradient below is divided by it too, so the two parts of the KL's
+        # gradient keep the weight kl_coef gives them relative to the score.
+        advantage_scale = masked_var(advantages, mask).clamp(min=1e-8).sqrt()
         advantages = masked_whiten(advantages, mask)
 
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -280,6 +288,10 @@ class PPOTrainer:
                 for micro_start in range(0, len(minibatch), args.per_device_train_batch_size):
                     idx = minibatch[micro_start:micro_start + args.per_device_train_batch_size]
                     with acc.accumulate(self.model), acc.autocast():
+                        if full_kl:
+                            with torch.no_grad():
+                                ref_logits = self.unwrapped.reference_logits(
+                                    rollout.input_ids[idx], rollout.attention_mask[idx], rollout.response_start)
                         logits, vpred = self.model(rollout.input_ids[idx], rollout.attention_mask[idx],
                                                    rollout.response_start)
                         logp, entropy = token_logprobs_and_entropy(logits, responses[idx], args.temperature)
@@ -289,6 +301,14 @@ class PPOTrainer:
                                                        args.cliprange_value)
                         mean_entropy = masked_mean(entropy, mask[idx])
                         loss = pg_loss + args.vf_coef * vf_loss - args.entropy_coef * mean_entropy
+                        if full_kl:
+                            # The KL's gradient has two parts: reaching states where the policy differs from the
+                            # reference (in the rewards above) and the policy's distribution at the states visited
+                            # (here, over every token: also those no rollout sampled). KL in the reward alone,
+                            # sampled, corrects probability moved onto a rare token only when one rollout samples it.
+                            kl_now = masked_mean(exact_kl(logits, ref_logits, args.temperature), mask[idx])
+                            loss = loss + kl_coef / advantage_scale * kl_now
+                            stats["loss/kl"].append(kl_now.detach())
                         acc.backward(loss)
                         if acc.sync_gradients:
                             self.control = self.callback_handler.on_pre_optimizer_step(
@@ -328,6 +348,8 @@ class PPOTrainer:
             "ppo/response_length": mask.sum(1).mean(),
             **{k: torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in v]).mean() for k, v in stats.items()},
         }
+        if full_kl:
+            metrics["objective/kl_exact"] = (rollout.full_kl * mask).sum(1).mean()
         metrics = self._reduce(metrics)
         metrics["objective/kl_coef"] = kl_coef
         metrics["ppo/epochs"] = float(epochs_run)
