@@ -93,28 +93,37 @@ def run_stage(name: str, values: dict) -> dict:
     return {**metrics, "wall_s": time.perf_counter() - start}
 
 
+def stage_settings(workdir: Path, data: Path, model: str, size: Size) -> dict[str, dict]:
+    """The values each stage of (a)-(c) is configured with (tests/test_real_model_benchmark.py builds a config
+    from each, so a key a stage stops reading fails there rather than half an hour into a run)."""
+    rm_dir = workdir / "reward"
+    ppo = common(model, data, size, workdir / "ppo")
+    del ppo["data_format"]  # ppo reads prompts only: each pair's prompt, split from its chosen dialogue
+    return {
+        "reward": dict(common(model, data, size, rm_dir), learning_rate=2e-4, num_train_epochs=1,
+                       per_device_train_batch_size=size.batch, max_length=size.max_length),
+        "dpo": dict(common(model, data, size, workdir / "dpo"), learning_rate=1e-4, beta=0.1, num_train_epochs=1,
+                    per_device_train_batch_size=size.batch, max_length=size.max_length, reward_model=str(rm_dir),
+                    eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens),
+        "ppo": dict(ppo, reward_model=str(rm_dir), learning_rate=1e-4, max_steps=size.ppo_steps,
+                    rollout_batch_size=size.rollout, per_device_train_batch_size=size.rollout // 2,
+                    max_new_tokens=size.max_new_tokens, max_prompt_length=256, kl_coef=0.05, target_kl=0.03,
+                    missing_eos_penalty=1.0, normalize_scores=True),
+    }
+
+
 def quality(workdir: Path, model: str, size: Size) -> dict:
     """(a) reward model, (b) DPO, (c) PPO, all judged on the held-out pairs / prompts."""
     data = write_splits(workdir, size)
-    rm_dir, dpo_dir, ppo_dir = workdir / "reward", workdir / "dpo", workdir / "ppo"
+    settings = stage_settings(workdir, data, model, size)
     results = {}
-    reward = run_stage("reward", dict(common(model, data, size, rm_dir), learning_rate=2e-4, num_train_epochs=1,
-                                      per_device_train_batch_size=size.batch, max_length=size.max_length))
+    reward = run_stage("reward", settings["reward"])
     longer = reward.get("reward/length_baseline_accuracy")
     reward["reward/shorter_wins_accuracy"] = 1.0 - longer if longer is not None else None
     results["reward"] = reward
-    results["dpo"] = run_stage("dpo", dict(
-        common(model, data, size, dpo_dir), learning_rate=1e-4, beta=0.1, num_train_epochs=1,
-        per_device_train_batch_size=size.batch, max_length=size.max_length, reward_model=str(rm_dir),
-        eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens))
-    ppo_values = common(model, data, size, ppo_dir)
-    del ppo_values["data_format"]  # ppo reads prompts only: each pair's prompt, split from its chosen dialogue
-    results["ppo"] = run_stage("ppo", dict(
-        ppo_values, reward_model=str(rm_dir),
-        learning_rate=1e-4, max_steps=size.ppo_steps, rollout_batch_size=size.rollout,
-        per_device_train_batch_size=size.rollout // 2, max_new_tokens=size.max_new_tokens, max_prompt_length=256,
-        kl_coef=0.05, target_kl=0.03, missing_eos_penalty=1.0, normalize_scores=True))
-    history = json.loads((ppo_dir / "metrics.json").read_text())["log_history"]
+    results["dpo"] = run_stage("dpo", settings["dpo"])
+    results["ppo"] = run_stage("ppo", settings["ppo"])
+    history = json.loads((workdir / "ppo" / "metrics.json").read_text())["log_history"]
     results["ppo"]["per_iteration"] = [{k: h[k] for k in ("step", "objective/scores", "objective/kl") if k in h}
                                        for h in history if "objective/kl" in h]
     results["ppo_eval"] = evaluate_ppo(workdir, size)
