@@ -98,13 +98,19 @@ def quality(workdir: Path, model: str, size: Size) -> dict:
     data = write_splits(workdir, size)
     rm_dir, dpo_dir, ppo_dir = workdir / "reward", workdir / "dpo", workdir / "ppo"
     results = {}
-    reward = run_stage("reward", dict(common(model, data, size, rm_dir), learning_rate=2e-4, num_train_epochs=1,
+    # The same reasoning for the reward model's LoRA (30 steps): at 2e-4 its training loss stayed at 0.691 (ln 2 =
+    # 0.693) and held-out accuracy 0.028 above "shorter wins"; at 1e-3, 0.054 above (reward stage alone, one seed).
+    reward = run_stage("reward", dict(common(model, data, size, rm_dir), learning_rate=1e-3, num_train_epochs=1,
                                       per_device_train_batch_size=size.batch, max_length=size.max_length))
     longer = reward.get("reward/length_baseline_accuracy")
     reward["reward/shorter_wins_accuracy"] = 1.0 - longer if longer is not None else None
     results["reward"] = reward
+    # LoRA DPO with few steps (31 at the cpu size) needs a LoRA-sized learning rate, not a full fine-tune's: at 1e-4
+    # the policy barely moved (KL 0.0007 nats/token, held-out implicit accuracy 0.514); 1e-3, the top of the range
+    # LoRA is usually trained at (1e-4..1e-3), with the default linear decay and beta 0.1 (the DPO paper's), moved it
+    # to KL 0.08 and 0.584 (DPO stage alone, one seed, 2 CPU cores).
     results["dpo"] = run_stage("dpo", dict(
-        common(model, data, size, dpo_dir), learning_rate=1e-4, beta=0.1, num_train_epochs=1,
+        common(model, data, size, dpo_dir), learning_rate=1e-3, beta=0.1, num_train_epochs=1,
         per_device_train_batch_size=size.batch, max_length=size.max_length, reward_model=str(rm_dir),
         eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens))
     results["ppo"] = run_stage("ppo", dict(
@@ -124,10 +130,15 @@ def evaluate_ppo(workdir: Path, size: Size) -> dict:
     import shutil
 
     shutil.rmtree(workdir / "ppo_eval", ignore_errors=True)
+    # The policy and its reference in the dtype PPO trained them in: with bf16 the stage's frozen LoRA base is bf16
+    # weights, so that is the model it trained and took its KL against (float32 would judge a slightly different
+    # base), and on this CPU (AVX512-BF16) the forward runs ~3x faster (measured: the base model, 8 x 300 tokens,
+    # 4.2 s vs 12.5 s, medians of 3). The judge stays float32 with its adapter merged (ClassifierReward's default),
+    # as in DPO: merged into bf16 weights it ranks 9% of held-out pairs the other way round (64 pairs measured).
     return run_stage("evaluate", dict(
         policy_path=str(workdir / "ppo"), output_dir=str(workdir / "ppo_eval"), reward_model=str(workdir / "reward"),
         prompts=str(workdir / "data"), prompts_split="test", num_prompts=size.eval_prompts,
-        max_new_tokens=size.max_new_tokens, dtype="float32"))
+        max_new_tokens=size.max_new_tokens, dtype="bfloat16" if size.bf16 else "float32"))
 
 
 # ------------------------------------------------------------------------------------------ (d) speed and memory
