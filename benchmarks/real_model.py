@@ -113,8 +113,9 @@ def quality(workdir: Path, model: str, size: Size) -> dict:
         common(model, data, size, dpo_dir), learning_rate=1e-3, beta=0.1, num_train_epochs=1,
         per_device_train_batch_size=size.batch, max_length=size.max_length, reward_model=str(rm_dir),
         eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens))
+    prompt_stage = {k: v for k, v in common(model, data, size, ppo_dir).items() if k != "data_format"}  # prompts only
     results["ppo"] = run_stage("ppo", dict(
-        common(model, data, size, ppo_dir), data_format="prompt_only", reward_model=str(rm_dir),
+        prompt_stage, reward_model=str(rm_dir),
         learning_rate=1e-4, max_steps=size.ppo_steps, rollout_batch_size=size.rollout,
         per_device_train_batch_size=size.rollout // 2, max_new_tokens=size.max_new_tokens, max_prompt_length=256,
         kl_coef=0.05, target_kl=0.03, missing_eos_penalty=1.0, normalize_scores=True))
