@@ -34,6 +34,7 @@ from rlhf_lm.sampling import (
     Prompt,
     encode_prompts,
     left_pad,
+    length_batches,
     pad_token_id,
     position_ids_from_mask,
     sample,
@@ -99,7 +100,8 @@ def generate_token_ids(
 ) -> list[list[int]]:
     """Sample a completion for each tokenized prompt; returns the generated ids (up to and including EOS).
 
-    Prompts are grouped by length (less padding) and left-padded; the KV cache is on. Tokens come from the plain
+    Prompts are grouped by length (:func:`rlhf_lm.sampling.length_batches`: little padding) and left-padded; the
+    KV cache is on. Tokens come from the plain
     softmax at ``temperature`` whatever the checkpoint's generation_config says, and stop at any of its EOS ids
     (:mod:`rlhf_lm.sampling`). Sampling is seeded in a forked RNG, so the same seed gives the same samples and the
     caller's random state is untouched.
@@ -111,7 +113,6 @@ def generate_token_ids(
     pad_id = pad_token_id(tokenizer)
     stop_ids = stop_token_ids(model, tokenizer)
     device = _device(model)
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     config = sampling_config(max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
                              temperature=temperature, top_k=top_k, top_p=top_p)
     was_training = model.training
@@ -119,8 +120,7 @@ def generate_token_ids(
     out: list[list[int] | None] = [None] * len(prompt_ids)
     try:
         with seeded(seed, device):
-            for start in range(0, len(order), batch_size):
-                batch = order[start:start + batch_size]
+            for batch in length_batches([len(p) for p in prompt_ids], batch_size):
                 ids, mask = left_pad([prompt_ids[i] for i in batch], pad_id, device)
                 generated = sample(model, ids, mask, config)[:, ids.shape[1]:]
                 for row, i in zip(generated.tolist(), batch, strict=True):
@@ -158,16 +158,17 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
 
     Rows are laid out ``[pad .. prompt completion .. pad]`` so every completion token sits in the last
     ``max completion length`` positions and only those logits are computed (``logits_to_keep``); position ids
-    follow the attention mask, as in generation.
+    follow the attention mask, as in generation. Rows are batched by length (:func:`rlhf_lm.sampling.length_batches`).
     """
     device = _device(model)
     was_training = model.training
     model.eval()
-    out: list[torch.Tensor] = []
+    out: list[torch.Tensor | None] = [None] * len(prompt_ids)
     try:
-        for start in range(0, len(prompt_ids), batch_size):
-            prompts = prompt_ids[start:start + batch_size]
-            completions = completion_ids[start:start + batch_size]
+        lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+        for batch in length_batches(lengths, batch_size):
+            prompts = [prompt_ids[i] for i in batch]
+            completions = [completion_ids[i] for i in batch]
             width_p = max(len(p) for p in prompts)
             width_c = max(max(len(c) for c in completions), 1)
             n = len(prompts)
@@ -182,11 +183,11 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list
                            logits_to_keep=width_c + 1, use_cache=False).logits[:, :-1].float()
             targets = ids[:, width_p:]
             token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-            for i, c in enumerate(completions):
-                out.append(token_logps[i, :len(c)].cpu())
+            for row, (i, c) in enumerate(zip(batch, completions, strict=True)):
+                out[i] = token_logps[row, :len(c)].cpu()
     finally:
         model.train(was_training)
-    return out
+    return out  # type: ignore[return-value]
 
 
 def kl_per_token(policy_logps: list[torch.Tensor], reference_logps: list[torch.Tensor]) -> torch.Tensor:

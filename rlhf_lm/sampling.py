@@ -51,6 +51,32 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+def length_batches(lengths: Sequence[int], max_rows: int, max_padding: float = 0.25) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of similar length: shortest first, at most ``max_rows`` a batch, and a batch
+    is closed before the next (longer) row would make its padded size exceed ``1 + max_padding`` times its real
+    tokens.
+
+    Every padded position costs as much as a real one, and held-out prompts vary a lot in length (the real-model
+    benchmark's 64 HH-RLHF eval prompts: 36 to 572 tokens): in one batch of 64 they are 36,608 positions for 10,783
+    real tokens, in these batches 13,034. Where lengths are alike, batches stay full.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda j: lengths[j]):
+        n = lengths[i]
+        if batch and (len(batch) == max_rows or (len(batch) + 1) * n > (1 + max_padding) * (real + n)):
+            batches.append(batch)
+            batch, real = [], 0
+        batch.append(i)
+        real += n
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding, exactly as ``generate`` assigns them (so a forward pass over a sampled
     sequence scores it with the positions it was sampled at)."""

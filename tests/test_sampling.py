@@ -10,6 +10,7 @@ from rlhf_lm.modeling import load_causal_lm, load_tokenizer
 from rlhf_lm.ppo.rollout import truncate_after_eos
 from rlhf_lm.sampling import (
     encode_prompts,
+    length_batches,
     sample,
     sampling_config,
     seeded,
@@ -145,3 +146,17 @@ def test_seeded_sampling_gives_the_cuda_random_state_back_too():
     with seeded(3, device):
         torch.rand(3, device=device)
     assert torch.equal(torch.cuda.get_rng_state(device), before)
+
+
+def test_length_batches_cover_every_row_once_and_bound_padding():
+    lengths = [36, 572, 47, 120, 525, 77, 300, 40, 514, 146, 38, 210]
+    batches = length_batches(lengths, max_rows=64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        padded, real = len(b) * max(lengths[i] for i in b), sum(lengths[i] for i in b)
+        assert padded <= 1.25 * real or len(b) == 1
+    # one batch of 64-wide padding would be 12 x 572 = 6864 positions for 2625 real tokens
+    assert sum(len(b) * max(lengths[i] for i in b) for b in batches) < 1.25 * sum(lengths)
+    assert all(len(b) <= 2 for b in length_batches(lengths, max_rows=2))
+    assert length_batches([5] * 10, max_rows=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # alike lengths: full batches
+    assert length_batches([], max_rows=4) == []

@@ -18,6 +18,7 @@ from rlhf_lm.errors import ArtifactError, RewardError
 from rlhf_lm.fsdp import is_sharded
 from rlhf_lm.rewards.layout import reward_input_ids
 from rlhf_lm.rewards.protocol import check_rewards
+from rlhf_lm.sampling import length_batches
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -113,7 +114,7 @@ class ClassifierReward:
 
     @torch.no_grad()
     def raw_scores(self, prompts: Sequence[Any], completions: Sequence[Any]) -> torch.Tensor:
-        """Unnormalised rewards on CPU, shape ``(n,)``. Longest texts first, so each batch pads little."""
+        """Unnormalised rewards on CPU, shape ``(n,)``. Texts are batched by length, so each batch pads little."""
         if len(prompts) != len(completions):
             raise RewardError(f"Reward model {self.name}: {len(prompts)} prompts but {len(completions)} completions.")
         prompts, completions = list(prompts), list(completions)  # also accepts datasets' lazy Column objects
@@ -121,13 +122,11 @@ class ClassifierReward:
         limit = self.max_length
         if limit:  # decoders read the score at the last token (keep the end), encoders at the first (keep the start)
             encoded = [ids[-limit:] if self._reads_last_token else ids[:limit] for ids in encoded]
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         scores = torch.empty(len(encoded), dtype=torch.float32)
         was_training = self.model.training
         self.model.eval()
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        for idx in length_batches([len(ids) for ids in encoded], self.batch_size):
             width = max(len(encoded[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), width), dtype=torch.long)
