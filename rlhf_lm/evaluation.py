@@ -101,10 +101,9 @@ def generate_token_ids(
     """Sample a completion for each tokenized prompt; returns the generated ids (up to and including EOS).
 
     Prompts are grouped by length (:func:`rlhf_lm.sampling.length_batches`: little padding) and left-padded; the
-    KV cache is on. Tokens come from the plain
-    softmax at ``temperature`` whatever the checkpoint's generation_config says, and stop at any of its EOS ids
-    (:mod:`rlhf_lm.sampling`). Sampling is seeded in a forked RNG, so the same seed gives the same samples and the
-    caller's random state is untouched.
+    KV cache is on. Tokens come from the plain softmax at ``temperature`` whatever the checkpoint's generation_config
+    says, and stop at any of its EOS ids (:mod:`rlhf_lm.sampling`). Sampling is seeded in a forked RNG, so the same
+    seed gives the same samples and the caller's random state is untouched.
     """
     if not prompt_ids:
         return []
