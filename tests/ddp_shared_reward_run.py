@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under `accelerate launch --num_processes 2`: PPO with the reward-stage adapter on
-the policy's own base (rlhf_lm.shared_reward), under DDP. Each rank writes what the test compares across ranks: the
+the policy's own base (rlhf_lm.shared_reward) and the exact KL penalty (`kl_estimator="full"`, as the quickstart
+runs PPO), under DDP. Each rank writes what the test compares across ranks: the
 trained policy weights (DDP keeps them equal), the reward adapter's weights before and after (frozen: unchanged), and
 whether any reward weight required grad or sat in the optimizer."""
 
@@ -35,7 +36,7 @@ def main(task: str, out: str, reward_dir: str) -> None:
     prompts = train_prompts(task)
     args = PPOConfig(output_dir=f"{out}/run", rollout_batch_size=8, per_device_train_batch_size=8, max_new_tokens=12,
                      max_steps=2, num_ppo_epochs=2, learning_rate=3e-3, use_cpu=True, report_to="none",
-                     disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0)
+                     disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0, kl_estimator="full")
     trainer = PPOTrainer(policy, args, tokenizer, reward, prompts)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     trainer.train()
@@ -48,6 +49,7 @@ def main(task: str, out: str, reward_dir: str) -> None:
         "reward_in_optimizer": any(id(p) in optimized for p in adapter.values()),
         "policy": digest({n: p for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}),
         "scores": [h["objective/scores"] for h in trainer.state.log_history if "objective/scores" in h],
+        "kl_exact": [h["objective/kl_exact"] for h in trainer.state.log_history if "objective/kl_exact" in h],
     }
     Path(out, f"rank{state.process_index}.json").write_text(json.dumps(record))
 

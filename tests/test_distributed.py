@@ -143,8 +143,9 @@ def test_each_rank_samples_with_its_own_seed(tiny_task_dir, tmp_path):
 
 
 def test_ppo_with_a_shared_reward_adapter_under_ddp(tiny_task_dir, tmp_path):
-    """The reward-stage adapter on the policy's base in 2 DDP processes: it scores on every rank, is in no optimizer
-    and no gradient, ends bit-identical to how it was loaded on both ranks, and the policy weights stay in sync."""
+    """The reward-stage adapter on the policy's base in 2 DDP processes, with the exact KL penalty: it scores on every
+    rank, is in no optimizer and no gradient, ends bit-identical to how it was loaded on both ranks, and the policy
+    weights stay in sync (the exact KL's extra reference forward runs inside the DDP-wrapped step)."""
     from rlhf_lm.configs import config_from_dict
     from rlhf_lm.stages import reward as reward_stage
 
@@ -162,5 +163,6 @@ def test_ppo_with_a_shared_reward_adapter_under_ddp(tiny_task_dir, tmp_path):
         assert rank["reward_after"] == rank["reward_before"] == rank0["reward_before"]
         assert not rank["reward_trainable"] and not rank["reward_in_optimizer"]
         assert len(rank["scores"]) == 2
+        assert len(rank["kl_exact"]) == 2 and rank["kl_exact"][0] >= 0.0 and rank["kl_exact"][1] > 0.0  # moved
     assert rank0["policy"] == rank1["policy"]
     assert not (out / "final" / "reward").exists() and (out / "final" / "adapter_model.safetensors").is_file()
