@@ -70,8 +70,9 @@ def recipe(task: Path, processes: int) -> dict:
         "dpo": {**dpo, "learning_rate": 1e-2},
         "dpo_full": {"stage": "dpo", **dpo, "use_peft": False, "learning_rate": 1e-4},
         # PPO's rollout_batch_size and minibatch are per process: each rank samples its own share of the prompts.
+        # The exact KL (as the quickstart runs PPO) adds a reference forward, adapters off, inside the sharded step.
         "ppo": {**prompts, "rollout_batch_size": rollout, "per_device_train_batch_size": rollout, "max_steps": 3,
-                "max_new_tokens": 12, "num_ppo_epochs": 2, "learning_rate": 3e-3},
+                "max_new_tokens": 12, "num_ppo_epochs": 2, "learning_rate": 3e-3, "kl_estimator": "full"},
         "grpo": online,
         "rloo": online,
     }
@@ -145,6 +146,8 @@ def test_online_stages_sample_like_one_process(runs):
     assert ppo_two["run"]["num_processes"] == 2 and ppo_two["run"]["episodes"] == ppo_one["run"]["episodes"] == GLOBAL_ROLLOUT * 3
     first = [next(e for e in m["log_history"] if "objective/scores" in e) for m in (ppo_two, ppo_one)]
     assert abs(first[0]["objective/scores"] - first[1]["objective/scores"]) <= SCORE_TOL
+    exact_kl = [e["objective/kl_exact"] for e in ppo_two["log_history"] if "objective/kl_exact" in e]
+    assert len(exact_kl) == 3 and exact_kl[-1] > 0.0  # the sharded policy moved away from its reference
     for stage in ("grpo", "rloo"):
         two, one = (json.loads((runs[k] / stage / "metrics.json").read_text()) for k in ("two", "one"))
         assert abs(two["metrics"]["reward/first"] - one["metrics"]["reward/first"]) <= SCORE_TOL, stage
