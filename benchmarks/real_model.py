@@ -68,8 +68,8 @@ def write_splits(workdir: Path, train_pairs: int | None, name: str = "data") -> 
         train = train[:train_pairs]
     data = workdir / name
     data.mkdir(parents=True, exist_ok=True)
-    for name, split in (("train", train), ("test", test)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split))
+    for split_name, split in (("train", train), ("test", test)):
+        (data / f"{split_name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split))
     return data
 
 
@@ -112,8 +112,8 @@ def stage_settings(workdir: Path, data: Path, model: str, size: Size, dpo_data: 
     return {
         "reward": dict(common(model, data, size, rm_dir), learning_rate=1e-3, num_train_epochs=1,
                        per_device_train_batch_size=size.batch, max_length=size.max_length),
-        "dpo": dict(common(model, dpo_data or data, size, workdir / "dpo"), learning_rate=1e-3, beta=0.1, num_train_epochs=1,
-                    per_device_train_batch_size=size.batch, max_length=size.max_length, reward_model=str(rm_dir),
+        "dpo": dict(common(model, dpo_data or data, size, workdir / "dpo"), learning_rate=1e-3, beta=0.1,
+                    num_train_epochs=1, per_device_train_batch_size=size.batch, max_length=size.max_length, reward_model=str(rm_dir),
                     eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens),
         "ppo": dict(ppo, reward_model=str(rm_dir), learning_rate=1e-4, max_steps=size.ppo_steps,
                     rollout_batch_size=size.rollout, per_device_train_batch_size=size.rollout // 2,
