@@ -65,10 +65,10 @@ def run_seed(seed: int, workdir: Path) -> dict:
     return summary
 
 
-def aggregate(per_seed: dict[int, dict]) -> dict:
-    """mean, std (sample, n-1) and worst seed's value of each metric."""
+def aggregate(per_seed: dict[int, dict], metrics: dict[str, bool] = METRICS) -> dict:
+    """mean, std (sample, n-1) and worst seed's value of each metric (metric -> higher is better)."""
     out = {}
-    for metric, higher_is_better in METRICS.items():
+    for metric, higher_is_better in metrics.items():
         values = [s[metric] for s in per_seed.values() if metric in s]
         if not values:
             continue

@@ -73,9 +73,10 @@ def write_splits(workdir: Path, train_pairs: int | None, name: str = "data") -> 
     return data
 
 
-def common(model: str, data: Path, size: Size, out: Path) -> dict:
+def common(model: str, data: Path, size: Size, out: Path, seed: int = 0) -> dict:
     values = dict(model_name_or_path=model, dataset_name=str(data), dataset_train_split="train",
-                  dataset_eval_split="test", data_format="hh_rlhf", output_dir=str(out), seed=0, use_cpu=not _cuda(),
+                  dataset_eval_split="test", data_format="hh_rlhf", output_dir=str(out), seed=seed,
+                  use_cpu=not _cuda(),
                   report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1, lora_r=16, lora_alpha=32,
                   max_eval_samples=size.held_out_pairs)
     if size.bf16 is not None:
@@ -94,12 +95,13 @@ def run_stage(name: str, values: dict) -> dict:
     return {**metrics, "wall_s": time.perf_counter() - start}
 
 
-def stage_settings(workdir: Path, data: Path, model: str, size: Size, dpo_data: Path | None = None) -> dict[str, dict]:
+def stage_settings(workdir: Path, data: Path, model: str, size: Size, dpo_data: Path | None = None,
+                   seed: int = 0) -> dict[str, dict]:
     """The values each stage of (a)-(c) is configured with (tests/test_real_model_benchmark.py builds a config
     from each, so a key a stage stops reading fails there rather than half an hour into a run). DPO trains on
     `dpo_data` where given (Size.dpo_train_pairs), the other stages on `data`."""
     rm_dir = workdir / "reward"
-    ppo = common(model, data, size, workdir / "ppo")
+    ppo = common(model, data, size, workdir / "ppo", seed)
     del ppo["data_format"]  # ppo reads prompts only: each pair's prompt, split from its chosen dialogue
     # LoRA with few steps (about 30 at the cpu size) needs a LoRA-sized learning rate, not a full fine-tune's.
     # Reward model: at 2e-4 its training loss stayed at 0.691 (ln 2 = 0.693) and held-out accuracy 0.028 above
@@ -110,9 +112,9 @@ def stage_settings(workdir: Path, data: Path, model: str, size: Size, dpo_data: 
     # KL 0.096); a second epoch over the same 256 won more (0.625) but memorised them (held-out DPO loss 0.861, worse
     # than the untrained 0.693); 512 pairs once: win-rate 0.609, KL 0.233, held-out DPO loss 0.656, accuracy 0.581.
     return {
-        "reward": dict(common(model, data, size, rm_dir), learning_rate=1e-3, num_train_epochs=1,
+        "reward": dict(common(model, data, size, rm_dir, seed), learning_rate=1e-3, num_train_epochs=1,
                        per_device_train_batch_size=size.batch, max_length=size.max_length),
-        "dpo": dict(common(model, dpo_data or data, size, workdir / "dpo"), learning_rate=1e-3, beta=0.1,
+        "dpo": dict(common(model, dpo_data or data, size, workdir / "dpo", seed), learning_rate=1e-3, beta=0.1,
                     num_train_epochs=1, per_device_train_batch_size=size.batch, max_length=size.max_length,
                     reward_model=str(rm_dir),
                     eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens),
@@ -123,11 +125,12 @@ def stage_settings(workdir: Path, data: Path, model: str, size: Size, dpo_data: 
     }
 
 
-def quality(workdir: Path, model: str, size: Size) -> dict:
-    """(a) reward model, (b) DPO, (c) PPO, all judged on the held-out pairs / prompts."""
+def quality(workdir: Path, model: str, size: Size, seed: int = 0) -> dict:
+    """(a) reward model, (b) DPO, (c) PPO, all judged on the held-out pairs / prompts. The seed moves LoRA's
+    initialisation, the batch order and every sample; the training and held-out pairs stay the same."""
     data = write_splits(workdir, size.train_pairs)
     dpo_data = write_splits(workdir, size.dpo_train_pairs, "data_dpo") if size.dpo_train_pairs else None
-    settings = stage_settings(workdir, data, model, size, dpo_data)
+    settings = stage_settings(workdir, data, model, size, dpo_data, seed)
     results = {}
     reward = run_stage("reward", settings["reward"])
     longer = reward.get("reward/length_baseline_accuracy")
@@ -138,11 +141,11 @@ def quality(workdir: Path, model: str, size: Size) -> dict:
     history = json.loads((workdir / "ppo" / "metrics.json").read_text())["log_history"]
     results["ppo"]["per_iteration"] = [{k: h[k] for k in ("step", "objective/scores", "objective/kl") if k in h}
                                        for h in history if "objective/kl" in h]
-    results["ppo_eval"] = evaluate_ppo(workdir, size)
+    results["ppo_eval"] = evaluate_ppo(workdir, size, seed)
     return results
 
 
-def evaluate_ppo(workdir: Path, size: Size) -> dict:
+def evaluate_ppo(workdir: Path, size: Size, seed: int = 0) -> dict:
     """(c)'s judgement: the PPO policy against its reference on the held-out prompts (the test split), by (a)."""
     import shutil
 
@@ -155,7 +158,7 @@ def evaluate_ppo(workdir: Path, size: Size) -> dict:
     return run_stage("evaluate", dict(
         policy_path=str(workdir / "ppo"), output_dir=str(workdir / "ppo_eval"), reward_model=str(workdir / "reward"),
         prompts=str(workdir / "data"), prompts_split="test", num_prompts=size.eval_prompts,
-        max_new_tokens=size.max_new_tokens, dtype="bfloat16" if size.bf16 else "float32"))
+        max_new_tokens=size.max_new_tokens, dtype="bfloat16" if size.bf16 else "float32", seed=seed))
 
 
 # ------------------------------------------------------------------------------------------ (d) speed and memory
@@ -189,10 +192,13 @@ def speed_trainer(side: str, stage: str, model: str, data: str, out: str, steps:
 
     tokenizer = load_tokenizer(model)
     pairs, _ = normalize_preferences(load_rows(data), "hh_rlhf", hh_messages=True)
+    def longest(row: dict) -> int:
+        return max(len(reward_input_ids(row["prompt"], row[answer][0]["content"], tokenizer))
+                   for answer in ("chosen", "rejected"))
+
     # Pairs that fit max_length whole, so neither side drops or truncates any and both train on the same tokens
     # (TRL's RewardTrainer would drop longer ones silently, down to an empty dataset).
-    fits = [i for i, row in enumerate(pairs) if max(len(reward_input_ids(row["prompt"], row[c][0]["content"], tokenizer))
-                                                    for c in ("chosen", "rejected")) <= max_length]
+    fits = [i for i, row in enumerate(pairs) if longest(row) <= max_length]
     pairs = pairs.select(fits[:steps * batch])
     shape = dict(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, max_length=max_length,
                  report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
@@ -285,9 +291,9 @@ def write_samples(workdir: Path, path: Path, n: int = 4) -> None:
     dpo = [json.loads(line) for line in (workdir / "dpo" / "samples.jsonl").read_text().splitlines()]
     ppo = [json.loads(line) for line in (workdir / "ppo_eval" / "samples.jsonl").read_text().splitlines()]
     lines = ["# Samples on held-out HH-RLHF prompts (SmolLM2-135M-Instruct, `benchmarks/real_model.py`)", "",
-             "The prompts are the harmless split's red-team conversations, shown turn by turn; the answers are the last "
-             "assistant turn. The reference is the instruct model itself (adapters off). Scores in brackets are the "
-             "trained reward model's. Samples containing a slur are left out of this page.", ""]
+             "The prompts are the harmless split's red-team conversations, shown turn by turn; the answers are the "
+             "last assistant turn. The reference is the instruct model itself (adapters off). Scores in brackets are "
+             "the trained reward model's. Samples containing a slur are left out of this page.", ""]
     shown = 0
     for d, p in zip(dpo, ppo, strict=False):
         texts = [turn["content"] for turn in d["prompt"]] + [d["reference"], d["policy"], p["policy"]]
@@ -301,34 +307,92 @@ def write_samples(workdir: Path, path: Path, n: int = 4) -> None:
     path.write_text("\n".join(lines))
 
 
+# ------------------------------------------------------------------------------------------ quality over seeds
+# (section, metric, higher is better, the `cpu` size's target or None), for each seed's quality run
+SEED_METRICS = {
+    "reward/over_length_baseline": ("reward", "reward/over_length_baseline", True, 0.03),
+    "reward/accuracy": ("reward", "reward/accuracy", True, None),
+    "dpo/implicit_accuracy": ("dpo", "eval/implicit_accuracy", True, 0.55),
+    "dpo/win_rate": ("dpo", "eval/win_rate", True, 0.55),
+    "dpo/kl": ("dpo", "eval/kl", False, 0.5),
+    "ppo/win_rate": ("ppo_eval", "eval/win_rate", True, 0.60),
+    "ppo/kl": ("ppo_eval", "eval/kl", False, 1.0),
+    "ppo/answer_tokens": ("ppo_eval", "eval/length/policy", True, None),
+    "quality_seconds": (None, "quality_seconds", False, None),
+}
+
+
+def result_path(size: str, seed: int) -> Path:
+    """Seed 0 is the full run (quality and speed); other seeds only repeat the quality part."""
+    return ROOT / "benchmarks" / "results" / (f"real_model_{size}.json" if seed == 0 else
+                                              f"real_model_{size}_seed{seed}.json")
+
+
+def seed_metrics(report: dict) -> dict:
+    quality = report["quality"]
+    reward = quality["reward"]
+    baseline = max(reward["reward/length_baseline_accuracy"], reward["reward/shorter_wins_accuracy"])
+    sections = {**quality, "reward": {**reward, "reward/over_length_baseline": reward["reward/accuracy"] - baseline},
+                None: report}
+    return {name: sections[section][key] for name, (section, key, _, _) in SEED_METRICS.items()}
+
+
+def summarize_seeds(size: str) -> dict:
+    """Every seed's quality run of ``size`` side by side: per seed, mean +- std, the worst seed, and each target
+    checked on the worst seed (a target met only on average is not met)."""
+    from benchmarks.quality import aggregate
+
+    reports = [json.loads(path.read_text()) for path in [result_path(size, 0)] +
+               sorted(result_path(size, 0).parent.glob(f"real_model_{size}_seed*.json"))]
+    per_seed = {report.get("seed", 0): seed_metrics(report) for report in reports if "quality" in report}
+    stats = aggregate(per_seed, {name: spec[2] for name, spec in SEED_METRICS.items()})
+    targets = {name: {"target": target, "worst": stats[name]["worst"],
+                      "met": stats[name]["worst"] >= target if higher else stats[name]["worst"] <= target}
+               for name, (_, _, higher, target) in SEED_METRICS.items() if target is not None and size == "cpu"}
+    return {"benchmark": "real_model seeds", "size": size, "seeds": sorted(per_seed), "per_seed": per_seed,
+            "stats": stats, "targets_on_worst_seed": targets, "machine": reports[0]["machine"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--workdir", default="/tmp/rlhf_lm_real_model")
     parser.add_argument("--skip-speed", action="store_true", help="Only (a)-(c).")
     parser.add_argument("--skip-quality", action="store_true", help="Only (d), into the existing result file.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Training and sampling seed. Other than 0, writes real_model_<size>_seed<N>.json.")
+    parser.add_argument("--summarize", action="store_true",
+                        help="Only gather every seed's result file of --size into real_model_<size>_seeds.json.")
     args = parser.parse_args(argv)
+    if args.summarize:
+        summary = summarize_seeds(args.size)
+        out = ROOT / "benchmarks" / "results" / f"real_model_{args.size}_seeds.json"
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+        for name, stat in summary["stats"].items():
+            print(f"{name:<30} {stat['mean']:8.3f} +- {stat['std']:.3f}  worst {stat['worst']:.3f}  (n={stat['n']})")
+        print(f"[real_model] wrote {out}")
+        return 0
     if not HH_PAIRS.is_file():
         raise SystemExit(f"needs the shared HH-RLHF pairs at {HH_PAIRS}")
     from rlhf_lm.real_checkpoint import smollm2_135m_instruct
 
     model = str(smollm2_135m_instruct())
     size = SIZES[args.size]
-    workdir = Path(args.workdir) / args.size
+    workdir = Path(args.workdir) / (args.size if args.seed == 0 else f"{args.size}_seed{args.seed}")
     start = time.perf_counter()
-    out = ROOT / "benchmarks" / "results" / f"real_model_{args.size}.json"
-    report = {"benchmark": "real_model", "size": args.size, "settings": size.__dict__, "model": "SmolLM2-135M-Instruct",
-              "held_out_pairs": HELD_OUT, "machine": machine()}
+    out = result_path(args.size, args.seed)
+    report = {"benchmark": "real_model", "size": args.size, "seed": args.seed, "settings": size.__dict__,
+              "model": "SmolLM2-135M-Instruct", "held_out_pairs": HELD_OUT, "machine": machine()}
     if args.skip_quality:
         report = {**json.loads(out.read_text()), **report}
     else:
-        report["quality"] = quality(workdir, model, size)
+        report["quality"] = quality(workdir, model, size, args.seed)
         report["quality_seconds"] = time.perf_counter() - start
     if not args.skip_speed:
         report["speed"] = speed(workdir, model, size)
     report["total_seconds"] = time.perf_counter() - start
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if args.size != "smoke" and not args.skip_quality:
+    if args.size != "smoke" and not args.skip_quality and args.seed == 0:
         write_samples(workdir, ROOT / "docs" / "real_model_samples.md")
     print(f"[real_model] wrote {out} in {report['total_seconds']:.0f} s")
     return 0

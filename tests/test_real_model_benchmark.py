@@ -4,9 +4,11 @@ it rejects) must fail here, in a second, not after the benchmark's first half ho
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
+from benchmarks import real_model
 from benchmarks.real_model import HELD_OUT, HH_PAIRS, SIZES, stage_settings, write_splits
 from rlhf_lm.configs import config_from_dict
 
@@ -26,6 +28,38 @@ def test_dpo_trains_on_its_own_split_where_the_size_gives_one(tmp_path):
     settings = stage_settings(tmp_path, data, "path/to/model", SIZES["cpu"], dpo_data)
     assert settings["dpo"]["dataset_name"] == str(dpo_data)
     assert settings["reward"]["dataset_name"] == settings["ppo"]["dataset_name"] == str(data)
+
+
+def test_the_seed_reaches_every_stage(tmp_path):
+    settings = stage_settings(tmp_path, tmp_path / "data", "path/to/model", SIZES["cpu"], seed=3)
+    assert {values["seed"] for values in settings.values()} == {3}
+
+
+def _report(seed: int, reward_accuracy: float, dpo_win: float, ppo_kl: float) -> dict:
+    """The part of a result file that the seed summary reads."""
+    return {"seed": seed, "machine": {"cpu": "test"}, "quality_seconds": 100.0 + seed, "quality": {
+        "reward": {"reward/accuracy": reward_accuracy, "reward/length_baseline_accuracy": 0.45,
+                   "reward/shorter_wins_accuracy": 0.55},
+        "dpo": {"eval/implicit_accuracy": 0.6, "eval/win_rate": dpo_win, "eval/kl": 0.2},
+        "ppo_eval": {"eval/win_rate": 0.7, "eval/kl": ppo_kl, "eval/length/policy": 20.0}}}
+
+
+def test_seed_summary_gives_mean_std_and_checks_targets_on_the_worst_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(real_model, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    reports = [_report(0, 0.60, 0.62, 0.3), _report(1, 0.59, 0.50, 1.2), _report(2, 0.64, 0.68, 0.6)]
+    for report in reports:
+        real_model.result_path("cpu", report["seed"]).write_text(json.dumps(report))
+    summary = real_model.summarize_seeds("cpu")
+    assert summary["seeds"] == [0, 1, 2]
+    over = summary["stats"]["reward/over_length_baseline"]
+    assert over["mean"] == pytest.approx(0.06) and over["worst"] == pytest.approx(0.04)  # better baseline: 0.55
+    # sample std of 0.62, 0.50, 0.68: sqrt((0.02^2 + 0.10^2 + 0.08^2) / 2)
+    assert summary["stats"]["dpo/win_rate"]["std"] == pytest.approx(0.0917, abs=1e-4)
+    targets = summary["targets_on_worst_seed"]
+    assert targets["reward/over_length_baseline"]["met"]  # worst +0.04 >= +0.03
+    assert not targets["dpo/win_rate"]["met"] and targets["dpo/win_rate"]["worst"] == 0.50  # the mean 0.60 would pass
+    assert not targets["ppo/kl"]["met"] and targets["ppo/kl"]["worst"] == 1.2  # lower is better: worst is the largest
 
 
 @pytest.mark.skipif(not HH_PAIRS.is_file(), reason="needs ../shared/data (absent in a user's clone)")
