@@ -225,6 +225,41 @@ def win_rate(policy_scores: torch.Tensor, reference_scores: torch.Tensor) -> flo
     return wins.mean().item()
 
 
+def length_controlled_win_rate(policy_scores: torch.Tensor, reference_scores: torch.Tensor,
+                               policy_lengths: torch.Tensor, reference_lengths: torch.Tensor,
+                               slope_prior: float = 0.1) -> float:
+    """The win-rate the judge would give if both answers had the same length.
+
+    Reward models, human labellers and LLM judges all tend to prefer one length (HH-RLHF's harmless reward models
+    prefer shorter answers), and a policy can win by moving its length alone. As in AlpacaEval 2's length-controlled
+    win-rate, a logistic regression ``P(win) = sigmoid(a + b * tanh(d / std(d)))`` is fitted to the per-prompt
+    outcomes (ties count half), with ``d`` the policy's answer length minus the reference's; ``sigmoid(a)`` is the
+    win-rate at equal lengths. ``slope_prior`` is a weak L2 penalty on ``b`` that keeps it finite when length separates
+    wins from losses perfectly (the intercept is then only loosely determined; 0.1 moves the answer by about 0.005
+    on 40 prompts where it is determined). Fitted by Newton's method: two parameters, so a
+    closed-form Hessian is shorter than an optimizer loop.
+    """
+    if policy_scores.numel() == 0:
+        return float("nan")
+    wins = ((policy_scores > reference_scores).double() + 0.5 * (policy_scores == reference_scores).double()).cpu()
+    diff = (policy_lengths.double() - reference_lengths.double()).cpu()
+    scale = diff.std() if diff.numel() > 1 else diff.new_tensor(0.0)
+    x = torch.tanh(diff / scale) if scale > 0 else torch.zeros_like(diff)
+    design = torch.stack([torch.ones_like(x), x], dim=1)
+    # 1e-6 on the intercept keeps it finite when every prompt is won (or lost); sigmoid(a) is then within 1e-3 of 1.
+    prior = torch.diag(torch.tensor([1e-6, slope_prior], dtype=torch.float64))
+    params = torch.zeros(2, dtype=torch.float64)
+    for _ in range(100):
+        p = torch.sigmoid(design @ params)
+        grad = design.T @ (p - wins) + prior @ params
+        hessian = design.T @ (design * (p * (1 - p)).unsqueeze(1)) + prior
+        step = torch.linalg.solve(hessian, grad)
+        params = params - step
+        if step.abs().max() < 1e-10:
+            break
+    return torch.sigmoid(params[0]).item()
+
+
 def evaluate_policy(
     policy,
     tokenizer,
@@ -242,11 +277,12 @@ def evaluate_policy(
     """Sample from the policy and from its reference on ``prompts`` and compare them.
 
     Metrics (all under ``eval/``): ``win_rate`` of policy over reference judged by ``reward_model`` (ties count
-    half), ``reward/policy`` and ``reward/reference`` (mean scores), ``kl`` (mean over prompts of the per-token k1
+    half) and ``lc_win_rate``, the same at equal answer lengths (:func:`length_controlled_win_rate`),
+    ``reward/policy`` and ``reward/reference`` (mean scores), ``kl`` (mean over prompts of the per-token k1
     KL(policy || reference) on the policy's own samples, see :func:`sequence_kl`), ``length/policy`` and
     ``length/reference`` (mean generated tokens), ``num_prompts``; with ``gold=True`` the built-in task's gold reward
-    (:class:`rlhf_lm.rewards.GoldReward`) is one more judge: ``gold_reward/policy``, ``gold_reward/reference`` and
-    ``gold_win_rate``. Both models sample with the same seed.
+    (:class:`rlhf_lm.rewards.GoldReward`) is one more judge: ``gold_reward/policy``, ``gold_reward/reference``,
+    ``gold_win_rate`` and ``gold_lc_win_rate``. Both models sample with the same seed.
 
     ``reference=None`` with a LoRA policy uses the policy itself in :func:`reference_mode` (no second copy).
     ``samples_path`` gets one JSON line per prompt: prompt, policy and reference completions, and their scores.
@@ -275,6 +311,7 @@ def evaluate_policy(
         "eval/length/reference": sum(map(len, reference_ids)) / n,
     }
     columns: dict[str, list[float]] = {"kl": kl.tolist()}
+    lengths_pol, lengths_ref = (torch.tensor([len(ids) for ids in side]) for side in (policy_ids, reference_ids))
     # Every judge is a RewardModel, the built-in task's gold reward included; (judge, metric prefix, column prefix).
     judges = [(reward_model, "", "reward")] if reward_model is not None else []
     if gold:
@@ -285,7 +322,8 @@ def evaluate_policy(
         # as it did in training (rlhf_lm.rewards.layout.reward_text), with its own chat template.
         r_pol = check_rewards(judge(list(prompts), policy_texts), n, name).cpu()
         r_ref = check_rewards(judge(list(prompts), reference_texts), n, name).cpu()
-        metrics.update({f"eval/{metric}win_rate": win_rate(r_pol, r_ref),
+        lc_win_rate = length_controlled_win_rate(r_pol, r_ref, lengths_pol, lengths_ref)
+        metrics.update({f"eval/{metric}win_rate": win_rate(r_pol, r_ref), f"eval/{metric}lc_win_rate": lc_win_rate,
                         f"eval/{metric}reward/policy": r_pol.mean().item(),
                         f"eval/{metric}reward/reference": r_ref.mean().item()})
         columns.update({f"{column}_policy": r_pol.tolist(), f"{column}_reference": r_ref.tolist()})

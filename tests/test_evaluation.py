@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from rlhf_lm.evaluation import (
     generate_completions,
     implicit_reward_metrics,
     kl_per_token,
+    length_controlled_win_rate,
     reference_mode,
     sequence_kl,
     win_rate,
@@ -50,6 +52,43 @@ def test_win_rate_counts_ties_as_half():
     policy = torch.tensor([1.0, 0.0, 0.5, -1.0])
     reference = torch.tensor([0.0, 0.0, 1.0, -2.0])
     assert win_rate(policy, reference) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def _outcomes(groups: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """(prompts, of them won, policy length minus reference length) per group -> scores and lengths."""
+    policy, lengths = [], []
+    for prompts, won, length_diff in groups:
+        policy += [1.0] * won + [0.0] * (prompts - won)
+        lengths += [20 + length_diff] * prompts
+    n = len(policy)
+    return [torch.tensor(policy), torch.full((n,), 0.5), torch.tensor(lengths), torch.full((n,), 20)]
+
+
+def test_length_controlled_win_rate_removes_what_length_explains():
+    # Shorter answers win 80% of the time, longer ones 20%, whoever wrote them; the policy is shorter on 30 of 40
+    # prompts, so it wins 0.65 by length alone; at equal lengths it would win half (the fit's slope prior moves it
+    # by 0.005).
+    scores_and_lengths = _outcomes([(30, 24, -10), (10, 2, +10)])
+    assert win_rate(*scores_and_lengths[:2]) == pytest.approx(0.65)
+    assert length_controlled_win_rate(*scores_and_lengths) == pytest.approx(0.5, abs=0.01)
+    assert length_controlled_win_rate(*scores_and_lengths, slope_prior=0.0) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_length_controlled_win_rate_keeps_what_length_does_not_explain():
+    # 80% wins whether the policy's answer is shorter or longer: length explains nothing.
+    assert length_controlled_win_rate(*_outcomes([(30, 24, -10), (10, 8, +10)])) == pytest.approx(0.8, abs=1e-6)
+    # Equal lengths everywhere: the plain win-rate, ties counting half.
+    policy, reference = torch.tensor([1.0, 1.0, 0.5, 0.0]), torch.tensor([0.0, 0.0, 0.5, 1.0])
+    same = torch.full((4,), 12)
+    assert length_controlled_win_rate(policy, reference, same, same) == pytest.approx(0.5 * (1 + 1 + 0.5 + 0) / 2)
+
+
+def test_length_controlled_win_rate_stays_finite_when_length_decides_every_prompt():
+    # Won exactly where shorter: by symmetry 0.5 (an unpenalised slope would run off to infinity).
+    assert length_controlled_win_rate(*_outcomes([(20, 20, -10), (20, 0, +10)])) == pytest.approx(0.5, abs=1e-6)
+    assert length_controlled_win_rate(*_outcomes([(40, 40, -5)])) > 0.999  # every prompt won
+    assert length_controlled_win_rate(*_outcomes([(40, 0, 4)])) < 0.001
+    assert math.isnan(length_controlled_win_rate(*[torch.tensor([])] * 4))  # no prompts: no win-rate
 
 
 def test_kl_per_token_is_the_mean_log_ratio_per_sample():
@@ -170,6 +209,7 @@ def test_evaluate_policy_against_an_identical_reference_ties(base, prompts, tmp_
                         samples_path=samples, max_new_tokens=16)
     assert m["eval/num_prompts"] == len(prompts)
     assert m["eval/win_rate"] == 0.5 and m["eval/gold_win_rate"] == 0.5
+    assert m["eval/lc_win_rate"] == pytest.approx(0.5) and m["eval/gold_lc_win_rate"] == pytest.approx(0.5)
     assert m["eval/kl"] == pytest.approx(0.0, abs=1e-6)
     assert m["eval/reward/policy"] == m["eval/reward/reference"]
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
