@@ -318,6 +318,9 @@ SEED_METRICS = {
     "ppo/win_rate": ("ppo_eval", "eval/win_rate", True, 0.60),
     "ppo/kl": ("ppo_eval", "eval/kl", False, 1.0),
     "ppo/answer_tokens": ("ppo_eval", "eval/length/policy", True, None),
+    # At equal answer lengths (rlhf_lm.evaluation.length_controlled_win_rate), from each stage's samples.jsonl
+    "dpo/lc_win_rate": ("dpo", "lc_win_rate", True, None),
+    "ppo/lc_win_rate": ("ppo_eval", "lc_win_rate", True, None),
     "quality_seconds": (None, "quality_seconds", False, None),
 }
 
@@ -328,23 +331,64 @@ def result_path(size: str, seed: int) -> Path:
                                               f"real_model_{size}_seed{seed}.json")
 
 
-def seed_metrics(report: dict) -> dict:
-    quality = report["quality"]
+def seed_workdir(workdir: str | Path, size: str, seed: int) -> Path:
+    return Path(workdir) / (size if seed == 0 else f"{size}_seed{seed}")
+
+
+def lc_win_rate_from_samples(samples: Path, tokenizer) -> float:
+    """The length-controlled win-rate of a finished run, from its samples.jsonl: the answers re-tokenized for their
+    lengths (the run's own ``eval/lc_win_rate`` counts the generated tokens, which also hold the EOS; runs made before
+    that metric existed only have their samples)."""
+    import torch
+
+    from rlhf_lm.evaluation import length_controlled_win_rate
+
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+
+    def column(side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = [len(tokenizer(row[side], add_special_tokens=False)["input_ids"]) for row in rows]
+        return torch.tensor([row["scores"][f"reward_{side}"] for row in rows]), torch.tensor(lengths)
+
+    (policy, policy_lengths), (reference, reference_lengths) = column("policy"), column("reference")
+    return length_controlled_win_rate(policy, reference, policy_lengths, reference_lengths)
+
+
+def seed_metrics(report: dict, workdir: Path | None = None, tokenizer=None) -> dict:
+    """The summary's metrics of one seed's result file; the length-controlled win-rates where the seed's run
+    directory still holds its samples (``workdir``)."""
+    quality = {section: dict(values) for section, values in report["quality"].items()}
     reward = quality["reward"]
     baseline = max(reward["reward/length_baseline_accuracy"], reward["reward/shorter_wins_accuracy"])
-    sections = {**quality, "reward": {**reward, "reward/over_length_baseline": reward["reward/accuracy"] - baseline},
-                None: report}
-    return {name: sections[section][key] for name, (section, key, _, _) in SEED_METRICS.items()}
+    reward["reward/over_length_baseline"] = reward["reward/accuracy"] - baseline
+    for section, stage_dir in (("dpo", "dpo"), ("ppo_eval", "ppo_eval")):
+        samples = workdir / stage_dir / "samples.jsonl" if workdir is not None else None
+        if samples is not None and samples.is_file():
+            quality[section]["lc_win_rate"] = lc_win_rate_from_samples(samples, tokenizer)
+    sections = {**quality, None: report}
+    return {name: sections[section][key] for name, (section, key, _, _) in SEED_METRICS.items()
+            if key in sections[section]}
 
 
-def summarize_seeds(size: str) -> dict:
+def summarize_seeds(size: str, workdir: str | Path | None = None) -> dict:
     """Every seed's quality run of ``size`` side by side: per seed, mean +- std, the worst seed, and each target
-    checked on the worst seed (a target met only on average is not met)."""
+    checked on the worst seed (a target met only on average is not met). ``workdir``: where the runs' directories
+    are, for the length-controlled win-rates (seeds whose directory is gone go without)."""
     from benchmarks.quality import aggregate
 
     reports = [json.loads(path.read_text()) for path in [result_path(size, 0)] +
                sorted(result_path(size, 0).parent.glob(f"real_model_{size}_seed*.json"))]
-    per_seed = {report.get("seed", 0): seed_metrics(report) for report in reports if "quality" in report}
+    tokenizer = None
+    if workdir is not None:
+        from rlhf_lm.modeling import load_tokenizer
+        from rlhf_lm.real_checkpoint import smollm2_135m_instruct
+
+        tokenizer = load_tokenizer(str(smollm2_135m_instruct()))
+    per_seed = {}
+    for report in reports:
+        seed = report.get("seed", 0)
+        if "quality" in report:
+            run_dir = seed_workdir(workdir, size, seed) if workdir is not None else None
+            per_seed[seed] = seed_metrics(report, run_dir, tokenizer)
     stats = aggregate(per_seed, {name: spec[2] for name, spec in SEED_METRICS.items()})
     targets = {name: {"target": target, "worst": stats[name]["worst"],
                       "met": stats[name]["worst"] >= target if higher else stats[name]["worst"] <= target}
@@ -365,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Only gather every seed's result file of --size into real_model_<size>_seeds.json.")
     args = parser.parse_args(argv)
     if args.summarize:
-        summary = summarize_seeds(args.size)
+        summary = summarize_seeds(args.size, args.workdir)
         out = ROOT / "benchmarks" / "results" / f"real_model_{args.size}_seeds.json"
         out.write_text(json.dumps(summary, indent=2) + "\n")
         for name, stat in summary["stats"].items():
@@ -378,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = str(smollm2_135m_instruct())
     size = SIZES[args.size]
-    workdir = Path(args.workdir) / (args.size if args.seed == 0 else f"{args.size}_seed{args.seed}")
+    workdir = seed_workdir(args.workdir, args.size, args.seed)
     start = time.perf_counter()
     out = result_path(args.size, args.seed)
     report = {"benchmark": "real_model", "size": args.size, "seed": args.seed, "settings": size.__dict__,

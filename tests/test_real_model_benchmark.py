@@ -73,3 +73,34 @@ def test_splits_hold_out_the_same_pairs_whatever_the_training_size(tmp_path):
     assert (small / "test.jsonl").read_text() == (large / "test.jsonl").read_text()
     assert len((small / "test.jsonl").read_text().splitlines()) == HELD_OUT
     assert not set(large_train) & set((large / "test.jsonl").read_text().splitlines())
+
+
+def _samples(path, groups: list[tuple[int, int, bool]]) -> None:
+    """samples.jsonl rows as the stages write them: (rows, of them won by the policy, policy answers shorter)."""
+    short, long = "No.", " ".join(["No, I can't help with that."] * 3)
+    rows = []
+    for count, won, policy_shorter in groups:
+        for i in range(count):
+            policy, reference = (short, long) if policy_shorter else (long, short)
+            rows.append({"prompt": "Hi", "policy": policy, "reference": reference,
+                         "scores": {"reward_policy": 1.0 if i < won else 0.0, "reward_reference": 0.5}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.real
+def test_seed_summary_reads_length_controlled_win_rates_from_the_runs_samples(tmp_path, monkeypatch, real_model_dir):
+    monkeypatch.setattr(real_model, "ROOT", tmp_path)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    for seed in (0, 1):
+        real_model.result_path("cpu", seed).write_text(json.dumps(_report(seed, 0.6, 0.65, 0.3)))
+    runs = tmp_path / "runs"
+    # Seed 1's policy wins 0.65 by being shorter: shorter answers win 80% of the time whoever wrote them.
+    _samples(real_model.seed_workdir(runs, "cpu", 1) / "dpo" / "samples.jsonl", [(30, 24, True), (10, 2, False)])
+    # Its PPO wins 80% whatever the length.
+    _samples(real_model.seed_workdir(runs, "cpu", 1) / "ppo_eval" / "samples.jsonl", [(30, 24, True), (10, 8, False)])
+    summary = real_model.summarize_seeds("cpu", runs)
+    assert summary["per_seed"][1]["dpo/lc_win_rate"] == pytest.approx(0.5, abs=0.01)
+    assert summary["per_seed"][1]["ppo/lc_win_rate"] == pytest.approx(0.8, abs=1e-4)
+    assert "dpo/lc_win_rate" not in summary["per_seed"][0]  # seed 0's run directory is gone
+    assert summary["stats"]["dpo/lc_win_rate"]["n"] == 1 and summary["stats"]["dpo/win_rate"]["n"] == 2
