@@ -22,6 +22,7 @@ import argparse
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ class Size:
     batch: int
     eval_prompts: int
     max_new_tokens: int
-    ppo_steps: int
+    ppo_steps: int | None  # PPO iterations; None: one pass over the training prompts (1 epoch, as the other stages)
     rollout: int
     speed_steps: int  # optimizer steps timed in (d)
     bf16: bool | None = None  # None: the stages' default (on with a bf16 GPU)
@@ -55,7 +56,7 @@ SIZES = {
                   speed_steps=2, bf16=True, held_out_pairs=16),
     "cpu": Size(train_pairs=256, max_length=192, batch=8, eval_prompts=64, max_new_tokens=48, ppo_steps=12, rollout=16,
                 speed_steps=4, bf16=True, dpo_train_pairs=512),
-    "gpu": Size(train_pairs=None, max_length=512, batch=16, eval_prompts=300, max_new_tokens=128, ppo_steps=100,
+    "gpu": Size(train_pairs=None, max_length=512, batch=16, eval_prompts=300, max_new_tokens=128, ppo_steps=None,
                 rollout=64, speed_steps=20),
 }
 
@@ -118,16 +119,18 @@ def stage_settings(workdir: Path, data: Path, model: str, size: Size, dpo_data: 
                     num_train_epochs=1, per_device_train_batch_size=size.batch, max_length=size.max_length,
                     reward_model=str(rm_dir),
                     eval_num_prompts=size.eval_prompts, eval_max_new_tokens=size.max_new_tokens),
-        "ppo": dict(ppo, reward_model=str(rm_dir), learning_rate=1e-4, max_steps=size.ppo_steps,
+        "ppo": dict(ppo, reward_model=str(rm_dir), learning_rate=1e-4, num_train_epochs=1,
+                    **({"max_steps": size.ppo_steps} if size.ppo_steps else {}),
                     rollout_batch_size=size.rollout, per_device_train_batch_size=size.rollout // 2,
                     max_new_tokens=size.max_new_tokens, max_prompt_length=256, kl_coef=0.05, target_kl=0.03,
                     missing_eos_penalty=1.0, normalize_scores=True),
     }
 
 
-def quality(workdir: Path, model: str, size: Size, seed: int = 0) -> dict:
+def quality(workdir: Path, model: str, size: Size, seed: int = 0, save=lambda results: None) -> dict:
     """(a) reward model, (b) DPO, (c) PPO, all judged on the held-out pairs / prompts. The seed moves LoRA's
-    initialisation, the batch order and every sample; the training and held-out pairs stay the same."""
+    initialisation, the batch order and every sample; the training and held-out pairs stay the same. ``save`` gets
+    the results after each stage, so a run stopped at a time limit (a device lease) keeps the stages it finished."""
     data = write_splits(workdir, size.train_pairs)
     dpo_data = write_splits(workdir, size.dpo_train_pairs, "data_dpo") if size.dpo_train_pairs else None
     settings = stage_settings(workdir, data, model, size, dpo_data, seed)
@@ -136,11 +139,14 @@ def quality(workdir: Path, model: str, size: Size, seed: int = 0) -> dict:
     longer = reward.get("reward/length_baseline_accuracy")
     reward["reward/shorter_wins_accuracy"] = 1.0 - longer if longer is not None else None
     results["reward"] = reward
+    save(results)
     results["dpo"] = run_stage("dpo", settings["dpo"])
+    save(results)
     results["ppo"] = run_stage("ppo", settings["ppo"])
     history = json.loads((workdir / "ppo" / "metrics.json").read_text())["log_history"]
     results["ppo"]["per_iteration"] = [{k: h[k] for k in ("step", "objective/scores", "objective/kl") if k in h}
                                        for h in history if "objective/kl" in h]
+    save(results)
     results["ppo_eval"] = evaluate_ppo(workdir, size, seed)
     return results
 
@@ -375,8 +381,10 @@ def summarize_seeds(size: str, workdir: str | Path | None = None) -> dict:
     are, for the length-controlled win-rates (seeds whose directory is gone go without)."""
     from benchmarks.quality import aggregate
 
-    reports = [json.loads(path.read_text()) for path in [result_path(size, 0)] +
-               sorted(result_path(size, 0).parent.glob(f"real_model_{size}_seed*.json"))]
+    results = result_path(size, 0).parent
+    seeds = [0] + sorted(int(m.group(1)) for path in results.iterdir()
+                         if (m := re.fullmatch(rf"real_model_{size}_seed(\d+)\.json", path.name)))
+    reports = [json.loads(result_path(size, seed).read_text()) for seed in seeds]
     tokenizer = None
     if workdir is not None:
         from rlhf_lm.modeling import load_tokenizer
@@ -425,17 +433,22 @@ def main(argv: list[str] | None = None) -> int:
     workdir = seed_workdir(args.workdir, args.size, args.seed)
     start = time.perf_counter()
     out = result_path(args.size, args.seed)
+    partial = out.with_suffix(".partial.json")
     report = {"benchmark": "real_model", "size": args.size, "seed": args.seed, "settings": size.__dict__,
               "model": "SmolLM2-135M-Instruct", "held_out_pairs": HELD_OUT, "machine": machine()}
     if args.skip_quality:
         report = {**json.loads(out.read_text()), **report}
     else:
-        report["quality"] = quality(workdir, model, size, args.seed)
+        def save(results: dict) -> None:  # beside the result file, which only a finished run replaces
+            partial.write_text(json.dumps({**report, "quality": results}, indent=2, default=str) + "\n")
+
+        report["quality"] = quality(workdir, model, size, args.seed, save)
         report["quality_seconds"] = time.perf_counter() - start
     if not args.skip_speed:
         report["speed"] = speed(workdir, model, size)
     report["total_seconds"] = time.perf_counter() - start
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    partial.unlink(missing_ok=True)
     if args.size != "smoke" and not args.skip_quality and args.seed == 0:
         write_samples(workdir, ROOT / "docs" / "real_model_samples.md")
     print(f"[real_model] wrote {out} in {report['total_seconds']:.0f} s")

@@ -30,6 +30,15 @@ def test_dpo_trains_on_its_own_split_where_the_size_gives_one(tmp_path):
     assert settings["reward"]["dataset_name"] == settings["ppo"]["dataset_name"] == str(data)
 
 
+def test_the_gpu_size_trains_ppo_one_pass_over_its_prompts(tmp_path):
+    from rlhf_lm.stages.ppo import CONFIG
+
+    config = config_from_dict(CONFIG, stage_settings(tmp_path, tmp_path / "data", "model", SIZES["gpu"])["ppo"])
+    assert config.num_train_epochs == 1 and config.max_steps in (-1, None)  # iterations follow the prompt count
+    cpu = config_from_dict(CONFIG, stage_settings(tmp_path, tmp_path / "data", "model", SIZES["cpu"])["ppo"])
+    assert cpu.max_steps == SIZES["cpu"].ppo_steps
+
+
 def test_the_seed_reaches_every_stage(tmp_path):
     settings = stage_settings(tmp_path, tmp_path / "data", "path/to/model", SIZES["cpu"], seed=3)
     assert {values["seed"] for values in settings.values()} == {3}
@@ -50,6 +59,9 @@ def test_seed_summary_gives_mean_std_and_checks_targets_on_the_worst_seed(tmp_pa
     reports = [_report(0, 0.60, 0.62, 0.3), _report(1, 0.59, 0.50, 1.2), _report(2, 0.64, 0.68, 0.6)]
     for report in reports:
         real_model.result_path("cpu", report["seed"]).write_text(json.dumps(report))
+    results = tmp_path / "benchmarks" / "results"
+    (results / "real_model_cpu_seeds.json").write_text("{}")  # an earlier summary
+    (results / "real_model_cpu_seed3.partial.json").write_text(json.dumps(_report(3, 0.1, 0.1, 9.0)))  # unfinished
     summary = real_model.summarize_seeds("cpu")
     assert summary["seeds"] == [0, 1, 2]
     over = summary["stats"]["reward/over_length_baseline"]
