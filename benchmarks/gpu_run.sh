@@ -16,19 +16,11 @@ size=${SIZE:-1.5b}
 json="$results/gpu_bench_$size.json"
 log="$results/gpu_run.log"
 
-if [ -d .whl ] && ! python3 -c "import trl" 2>/dev/null; then  # only where TRL is missing (the GPU machine)
-  # datasets 5.2 needs pyarrow >= 24; an older pyarrow on the machine gets datasets 4.8 (TRL 1.16 needs >= 4.7).
-  arrow_major=$(python3 -c "import pyarrow; print(pyarrow.__version__.split('.')[0])" 2>/dev/null || echo 0)
-  wheels=$(ls .whl/*.whl)
-  if [ "$arrow_major" -lt 24 ]; then wheels=$(ls .whl/*.whl .whl/alt/*.whl | grep -v 'datasets-5'); fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee -a "$log"
 python3 -c "import torch, transformers, trl, peft, accelerate, datasets; print(torch.__version__, torch.version.cuda, \
-transformers.__version__, trl.__version__, peft.__version__, accelerate.__version__, datasets.__version__)" | tee -a "$log"
+transformers.__version__, trl.__version__, peft.__version__, accelerate.__version__, datasets.__version__)" \
+  | tee -a "$log"
 
 bench() {
   local left=$((deadline - SECONDS))
