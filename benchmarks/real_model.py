@@ -77,9 +77,8 @@ def write_splits(workdir: Path, train_pairs: int | None, name: str = "data") -> 
 def common(model: str, data: Path, size: Size, out: Path, seed: int = 0) -> dict:
     values = dict(model_name_or_path=model, dataset_name=str(data), dataset_train_split="train",
                   dataset_eval_split="test", data_format="hh_rlhf", output_dir=str(out), seed=seed,
-                  use_cpu=not _cuda(),
-                  report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1, lora_r=16, lora_alpha=32,
-                  max_eval_samples=size.held_out_pairs)
+                  use_cpu=not _cuda(), report_to="none", disable_tqdm=True, save_strategy="no", logging_steps=1,
+                  lora_r=16, lora_alpha=32, max_eval_samples=size.held_out_pairs)
     if size.bf16 is not None:
         values["bf16"] = size.bf16
     return values
@@ -198,6 +197,7 @@ def speed_trainer(side: str, stage: str, model: str, data: str, out: str, steps:
 
     tokenizer = load_tokenizer(model)
     pairs, _ = normalize_preferences(load_rows(data), "hh_rlhf", hh_messages=True)
+
     def longest(row: dict) -> int:
         return max(len(reward_input_ids(row["prompt"], row[answer][0]["content"], tokenizer))
                    for answer in ("chosen", "rejected"))

@@ -236,8 +236,8 @@ def length_controlled_win_rate(policy_scores: torch.Tensor, reference_scores: to
     outcomes (ties count half), with ``d`` the policy's answer length minus the reference's; ``sigmoid(a)`` is the
     win-rate at equal lengths. ``slope_prior`` is a weak L2 penalty on ``b`` that keeps it finite when length separates
     wins from losses perfectly (the intercept is then only loosely determined; 0.1 moves the answer by about 0.005
-    on 40 prompts where it is determined). Fitted by Newton's method: two parameters, so a
-    closed-form Hessian is shorter than an optimizer loop.
+    on 40 prompts where it is determined). Fitted by Newton's method: with two parameters the Hessian is a 2 x 2
+    matrix, shorter to write than an optimizer loop and exact in a few steps.
     """
     if policy_scores.numel() == 0:
         return float("nan")
