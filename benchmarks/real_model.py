@@ -402,7 +402,8 @@ def summarize_seeds(size: str, workdir: str | Path | None = None) -> dict:
                       "met": stats[name]["worst"] >= target if higher else stats[name]["worst"] <= target}
                for name, (_, _, higher, target) in SEED_METRICS.items() if target is not None and size == "cpu"}
     return {"benchmark": "real_model seeds", "size": size, "seeds": sorted(per_seed), "per_seed": per_seed,
-            "stats": stats, "targets_on_worst_seed": targets, "machine": reports[0]["machine"]}
+            "stats": stats, "targets_on_worst_seed": targets,
+            "machine_per_seed": {report.get("seed", 0): report["machine"] for report in reports}}
 
 
 def main(argv: list[str] | None = None) -> int:
