@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HH_PAIRS = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless" / "pairs.jsonl.gz"
 HELD_OUT = 300
+STAGE_DIRS = ("reward", "dpo", "ppo")  # what one run writes into its workdir, one directory per stage
 
 
 @dataclass(frozen=True)
@@ -406,6 +407,14 @@ def summarize_seeds(size: str, workdir: str | Path | None = None) -> dict:
             "machine_per_seed": {report.get("seed", 0): report["machine"] for report in reports}}
 
 
+def refuse_earlier_runs(workdir: Path) -> None:
+    """Stop before an hour of work if ``workdir`` holds an earlier run's stages: each stage refuses to replace a
+    finished run, and the benchmark does not delete directories it cannot tell it made."""
+    earlier = [name for name in STAGE_DIRS if (workdir / name).exists()]
+    if earlier:
+        raise SystemExit(f"{workdir} holds an earlier run ({', '.join(earlier)}): delete it, or pass another --workdir")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -425,13 +434,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<30} {stat['mean']:8.3f} +- {stat['std']:.3f}  worst {stat['worst']:.3f}  (n={stat['n']})")
         print(f"[real_model] wrote {out}")
         return 0
+    workdir = seed_workdir(args.workdir, args.size, args.seed)
+    if not args.skip_quality:
+        refuse_earlier_runs(workdir)
     if not HH_PAIRS.is_file():
         raise SystemExit(f"needs the shared HH-RLHF pairs at {HH_PAIRS}")
     from rlhf_lm.real_checkpoint import smollm2_135m_instruct
 
     model = str(smollm2_135m_instruct())
     size = SIZES[args.size]
-    workdir = seed_workdir(args.workdir, args.size, args.seed)
     start = time.perf_counter()
     out = result_path(args.size, args.seed)
     partial = out.with_suffix(".partial.json")

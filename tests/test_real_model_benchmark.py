@@ -74,6 +74,16 @@ def test_seed_summary_gives_mean_std_and_checks_targets_on_the_worst_seed(tmp_pa
     assert not targets["ppo/kl"]["met"] and targets["ppo/kl"]["worst"] == 1.2  # lower is better: worst is the largest
 
 
+def test_a_second_run_into_the_same_workdir_stops_before_training_and_keeps_the_first(tmp_path):
+    earlier = tmp_path / "smoke_seed3" / "reward"
+    earlier.mkdir(parents=True)
+    (earlier / "adapter_model.safetensors").write_text("the first run's adapter")
+    with pytest.raises(SystemExit, match=r"smoke_seed3 holds an earlier run \(reward\): delete it"):
+        real_model.main(["--size", "smoke", "--seed", "3", "--workdir", str(tmp_path), "--skip-speed"])
+    assert (earlier / "adapter_model.safetensors").read_text() == "the first run's adapter"
+    assert sorted(p.name for p in (tmp_path / "smoke_seed3").iterdir()) == ["reward"]  # no splits written either
+
+
 @pytest.mark.skipif(not HH_PAIRS.is_file(), reason="needs ../shared/data (absent in a user's clone)")
 def test_splits_hold_out_the_same_pairs_whatever_the_training_size(tmp_path):
     small = write_splits(tmp_path, 256)
