@@ -367,8 +367,8 @@ def seed_metrics(report: dict, workdir: Path | None = None, tokenizer=None) -> d
     reward = quality["reward"]
     baseline = max(reward["reward/length_baseline_accuracy"], reward["reward/shorter_wins_accuracy"])
     reward["reward/over_length_baseline"] = reward["reward/accuracy"] - baseline
-    for section, stage_dir in (("dpo", "dpo"), ("ppo_eval", "ppo_eval")):
-        samples = workdir / stage_dir / "samples.jsonl" if workdir is not None else None
+    for section in ("dpo", "ppo_eval"):  # each is also the name of the run directory that holds its samples
+        samples = workdir / section / "samples.jsonl" if workdir is not None else None
         if samples is not None and samples.is_file():
             quality[section]["lc_win_rate"] = lc_win_rate_from_samples(samples, tokenizer)
     sections = {**quality, None: report}
