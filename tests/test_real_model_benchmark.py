@@ -97,6 +97,23 @@ def test_splits_hold_out_the_same_pairs_whatever_the_training_size(tmp_path):
     assert not set(large_train) & set((large / "test.jsonl").read_text().splitlines())
 
 
+@pytest.mark.skipif(not HH_PAIRS.is_file(), reason="needs ../shared/data (absent in a user's clone)")
+def test_reward_pairs_validation_split_is_neither_trained_on_nor_held_out(tmp_path):
+    from benchmarks.reward_pairs import VALIDATION, write_split
+
+    write_split(tmp_path / "v", 512, "validation")
+    write_split(tmp_path / "h", 512, "held_out")
+    train = set((tmp_path / "v" / "train.jsonl").read_text().splitlines())
+    validation = (tmp_path / "v" / "test.jsonl").read_text().splitlines()
+    held_out = set((tmp_path / "h" / "test.jsonl").read_text().splitlines())
+    dpo_train = set((write_splits(tmp_path, SIZES["cpu"].dpo_train_pairs, "dpo") / "train.jsonl").read_text().splitlines())
+    assert len(validation) == VALIDATION.stop - VALIDATION.start and len(train) == 512
+    assert not set(validation) & (train | held_out | dpo_train)
+    assert held_out == set((write_splits(tmp_path, 256) / "test.jsonl").read_text().splitlines())
+    with pytest.raises(SystemExit, match="--pairs 1201"):
+        write_split(tmp_path / "x", VALIDATION.start + 1, "validation")
+
+
 def _samples(path, groups: list[tuple[int, int, bool]]) -> None:
     """samples.jsonl rows as the stages write them: (rows, of them won by the policy, policy answers shorter)."""
     short, long = "No.", " ".join(["No, I can't help with that."] * 3)
