@@ -62,17 +62,24 @@ SIZES = {
 }
 
 
-def write_splits(workdir: Path, train_pairs: int | None, name: str = "data") -> Path:
-    """train.jsonl / test.jsonl in the raw HH format; the last HELD_OUT pairs are the test split."""
-    rows = [json.loads(line) for line in gzip.open(HH_PAIRS, "rt")]
-    train, test = rows[:-HELD_OUT], rows[-HELD_OUT:]
-    if train_pairs:
-        train = train[:train_pairs]
-    data = workdir / name
+def hh_pairs() -> list[dict]:
+    """The shared HH-RLHF pairs, in file order (the last HELD_OUT are every stage's held-out split)."""
+    return [json.loads(line) for line in gzip.open(HH_PAIRS, "rt")]
+
+
+def write_train_test(data: Path, train: list[dict], test: list[dict]) -> Path:
+    """train.jsonl / test.jsonl in the raw HH format, as the stages read them."""
     data.mkdir(parents=True, exist_ok=True)
     for split_name, split in (("train", train), ("test", test)):
         (data / f"{split_name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split))
     return data
+
+
+def write_splits(workdir: Path, train_pairs: int | None, name: str = "data") -> Path:
+    """The first `train_pairs` training pairs (all where None) and the last HELD_OUT pairs as the test split."""
+    rows = hh_pairs()
+    train, test = rows[:-HELD_OUT], rows[-HELD_OUT:]
+    return write_train_test(workdir / name, train[:train_pairs] if train_pairs else train, test)
 
 
 def common(model: str, data: Path, size: Size, out: Path, seed: int = 0) -> dict:

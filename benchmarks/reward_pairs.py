@@ -17,7 +17,6 @@ at 256 pairs, 10.5 at 512). Writes ``benchmarks/results/reward_pairs.json``, kee
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import subprocess
 import sys
@@ -26,23 +25,20 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.real_model import HELD_OUT, HH_PAIRS, ROOT, SIZES, machine
+from benchmarks.real_model import HELD_OUT, HH_PAIRS, ROOT, SIZES, hh_pairs, machine, write_train_test
 
 RESULTS = ROOT / "benchmarks" / "results" / "reward_pairs.json"
 VALIDATION = slice(1200, 1500)  # of the rows before the held-out ones; DPO's cpu size trains on the first 512
 
 
 def write_split(data: Path, pairs: int, split: str) -> None:
-    rows = [json.loads(line) for line in gzip.open(HH_PAIRS, "rt")]
+    rows = hh_pairs()
     train = rows[:-HELD_OUT]
     if VALIDATION.stop > len(train):
         raise SystemExit(f"{HH_PAIRS} has {len(rows)} rows: the validation split needs {VALIDATION.stop + HELD_OUT}")
     if pairs > VALIDATION.start:
         raise SystemExit(f"--pairs {pairs}: at most {VALIDATION.start}, or training would reach the validation rows")
-    test = train[VALIDATION] if split == "validation" else rows[-HELD_OUT:]
-    data.mkdir(parents=True, exist_ok=True)
-    for name, chosen in (("train", train[:pairs]), ("test", test)):
-        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    write_train_test(data, train[:pairs], train[VALIDATION] if split == "validation" else rows[-HELD_OUT:])
 
 
 def run_one(split: str, pairs: int, seed: int, workdir: Path) -> dict:
